@@ -1,0 +1,149 @@
+"""The GABFusion training subgraph that replaces every fusion site.
+
+At a site that fused branches ``x_1 .. x_K`` with ``cat`` or ``add``, the rewrite
+inserts ``LN(fuse(α_1·x_1, ..., α_K·x_K))`` (arXiv 2511.05898):
+
+- ``α`` is one positive scalar per branch. Paper v1 learns it from 0.5; we keep it
+  positive with ``α = exp(log_alpha)`` so that folding α later through ReLU-family
+  activations stays exact (they are positively homogeneous). Paper v2
+  ("balanced") sets ``α = softmax(λ)`` with dual logits ``λ`` that the optimizer never
+  touches; :mod:`fxfusion.balance` updates them from per-branch gradient energies,
+  which this module records in backward.
+- ``LN`` normalizes across the feature axis at each position, per sample, without
+  affine parameters unless ``affine=True`` (the paper's equations have none).
+  ``norm="none"`` keeps only α.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GABFusion", "ALPHA_MODES", "NORMS"]
+
+ALPHA_MODES = ("learned", "balanced", "fixed")
+NORMS = ("layernorm", "none")
+
+
+class GABFusion(nn.Module):
+    """Scale each branch by α, fuse with the original op, normalize over the feature axis.
+
+    Args:
+        op: ``"cat"`` or ``"add"``, the fusion the site performed.
+        num_branches: K, the number of fused tensors.
+        dim: the feature axis (the cat axis, or the axis the consumer reads as channels).
+        channels: size of the fused feature axis (needed for ``affine=True``).
+        alpha: ``"learned"`` (v1, α = exp(log_alpha), init ``alpha_init``),
+            ``"balanced"`` (v2, α = softmax(λ), λ updated by :class:`fxfusion.AlphaBalancer`)
+            or ``"fixed"`` (a buffer, e.g. 1.0 to reproduce the original model).
+        alpha_init: initial α for ``"learned"`` and ``"fixed"``.
+        norm: ``"layernorm"`` or ``"none"``.
+        affine: learn a per-channel γ, β after the normalization.
+        eps: the LayerNorm epsilon.
+
+    Example:
+        >>> m = GABFusion("cat", 2, dim=1, channels=6)
+        >>> m(torch.randn(1, 2, 4, 4), torch.randn(1, 4, 4, 4)).shape
+        torch.Size([1, 6, 4, 4])
+    """
+
+    def __init__(
+        self,
+        op: str,
+        num_branches: int,
+        dim: int,
+        channels: int | None = None,
+        *,
+        alpha: str = "learned",
+        alpha_init: float = 0.5,
+        norm: str = "layernorm",
+        affine: bool = False,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if op not in ("cat", "add"):
+            raise ValueError(f"GABFusion op must be 'cat' or 'add', got {op!r}")
+        if alpha not in ALPHA_MODES:
+            raise ValueError(f"alpha={alpha!r} is not one of {ALPHA_MODES}")
+        if norm not in NORMS:
+            raise ValueError(f"norm={norm!r} is not one of {NORMS}")
+        if num_branches < 2:
+            raise ValueError(f"a fusion joins at least 2 branches, got num_branches={num_branches}")
+        if alpha_init <= 0:
+            raise ValueError(f"alpha_init must be positive (keeps folds exact), got {alpha_init}")
+        if affine and channels is None:
+            raise ValueError("affine=True needs the fused channel count: pass channels=")
+        self.op, self.num_branches, self.dim, self.channels = op, num_branches, dim, channels
+        self.alpha_mode, self.norm, self.eps = alpha, norm, eps
+        init = torch.full((num_branches,), float(alpha_init))
+        if alpha == "learned":
+            self.log_alpha = nn.Parameter(init.log())
+        elif alpha == "balanced":
+            # v2 dual logits start at 0; α = softmax(0) = 1/K.
+            self.register_buffer("dual_logits", torch.zeros(num_branches))
+            self.register_buffer("energy_ema", torch.zeros(num_branches))
+        else:
+            self.register_buffer("fixed_alpha", init)
+        if affine:
+            self.weight = nn.Parameter(torch.ones(channels))
+            self.bias = nn.Parameter(torch.zeros(channels))
+        else:
+            self.weight = self.bias = None
+        # Filled in backward (balanced mode): sum over the step of ||∂L/∂x_i||², per branch.
+        self.register_buffer("grad_energy", torch.zeros(num_branches), persistent=False)
+
+    def alpha(self) -> Tensor:
+        """The current per-branch scales, shape (K,)."""
+        if self.alpha_mode == "learned":
+            return self.log_alpha.exp()
+        if self.alpha_mode == "balanced":
+            return torch.softmax(self.dual_logits, 0)
+        return self.fixed_alpha
+
+    def forward(self, *xs: Tensor | Sequence[Tensor]) -> Tensor:
+        if len(xs) == 1 and isinstance(xs[0], (list, tuple)):
+            xs = tuple(xs[0])
+        if len(xs) != self.num_branches:
+            raise ValueError(f"GABFusion built for {self.num_branches} branches got {len(xs)} inputs")
+        a = self.alpha()
+        scaled = [a[i] * x for i, x in enumerate(xs)]
+        if self.alpha_mode == "balanced" and self.training and torch.is_grad_enabled():
+            self._record_energy(scaled, a)
+        h = torch.cat(scaled, self.dim) if self.op == "cat" else _sum(scaled)
+        return self.normalize(h)
+
+    def normalize(self, h: Tensor) -> Tensor:
+        """Per-sample, per-position LayerNorm across ``self.dim`` (identity for norm='none')."""
+        if self.norm == "none":
+            return h
+        mu = h.mean(self.dim, keepdim=True)
+        var = h.var(self.dim, unbiased=False, keepdim=True)
+        out = (h - mu) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            shape = [1] * h.dim()
+            shape[self.dim] = -1
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+    def _record_energy(self, scaled: list[Tensor], a: Tensor) -> None:
+        # G_i = ||∂L/∂x_i|| = α_i·||∂L/∂(α_i x_i)||: a hook on the scaled branch suffices.
+        for i, t in enumerate(scaled):
+            if t.requires_grad:
+                t.register_hook(lambda g, i=i: self._add_energy(i, g, a))
+
+    def _add_energy(self, i: int, g: Tensor, a: Tensor) -> None:
+        self.grad_energy[i] += (a[i].detach() * g.detach()).pow(2).sum()
+
+    def extra_repr(self) -> str:
+        a = ", ".join(f"{v:.3g}" for v in self.alpha().detach().tolist())
+        return (f"op={self.op}, branches={self.num_branches}, dim={self.dim}, alpha={self.alpha_mode}[{a}], "
+                f"norm={self.norm}, affine={self.weight is not None}")
+
+
+def _sum(xs: list[Tensor]) -> Tensor:
+    out = xs[0]
+    for x in xs[1:]:
+        out = out + x
+    return out

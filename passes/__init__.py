@@ -1,0 +1,1 @@
+"""Graph passes of fxfusion (installed as ``fxfusion.passes``): trace, find, rewrite, quantize, fold, export."""

@@ -1,0 +1,258 @@
+"""The GABFusion rewrite: each fusion site becomes ``LN(fuse(α_1·x_1, ..., α_K·x_K))``.
+
+Before (a YOLO ``Concat``)::
+
+    def forward(self, x):
+        return torch.cat(x, self.d)
+
+After::
+
+    def forward(self, x):
+        return self.gabfusion0(x)          # GABFusion("cat", K, dim=self.d)
+
+Only the *owner* of each site (the module whose own forward fuses) is edited, so the
+rest of the model, and the root class, stay as they are. The owner keeps its object,
+its class (a subclass named like the original with the rewritten forward), every
+attribute (YOLO routes on ``m.f``/``m.i``), its children and its parameter names, so
+``rewritten.load_state_dict(original.state_dict(), strict=False)`` loads everything and
+reports only the new α keys as missing. :func:`restore_forward` undoes it (deploy uses it).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.fx.graph_module import _format_import_block
+from torch.package import sys_importer
+
+from fxfusion.gabfusion import ALPHA_MODES, NORMS, GABFusion
+from fxfusion.passes.find import FusionReport, FusionSite, Refusal, find_fusions, fusion_kind, fusion_ordinals
+from fxfusion.passes.trace import shallow_trace
+from fxfusion.report import format_table
+
+__all__ = ["RewriteReport", "rewrite", "restore_forward", "gabfusion_modules"]
+
+
+class RewriteReport:
+    """What :func:`rewrite` did: the GABFusion module placed at each site, and what it left."""
+
+    def __init__(self, placed: list[dict], refused: list[Refusal], found: FusionReport) -> None:
+        self.placed, self.refused, self.found = placed, refused, found
+
+    def __str__(self) -> str:
+        parts = [format_table(self.placed, title=f"GABFusion placed at {len(self.placed)} site(s)")]
+        if self.refused:
+            parts.append(format_table([vars(r) for r in self.refused], title="Not rewritten"))
+        if self.found.untraceable:
+            parts.append(format_table([vars(u) for u in self.found.untraceable],
+                                      title="Untraceable modules (not examined)"))
+        return "\n\n".join(parts)
+
+    def to_dict(self) -> dict:
+        return {"placed": self.placed, "refused": self.refused, "untraceable": self.found.untraceable}
+
+
+def rewrite(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence | None = None,
+    *,
+    sites: FusionReport | Iterable[FusionSite] | None = None,
+    alpha: str = "learned",
+    alpha_init: float = 0.5,
+    norm: str = "layernorm",
+    affine: bool = False,
+    eps: float = 1e-5,
+    inplace: bool = False,
+    concrete_args: dict | None = None,
+    leaf_types: Iterable[type] = (),
+) -> nn.Module:
+    """Put a GABFusion subgraph at every fusion site of ``model``, ready for QAT.
+
+    Args:
+        model: any ``nn.Module``.
+        example_inputs: inputs for site discovery (omit when passing ``sites``).
+        sites: the sites to rewrite, e.g. a filtered :func:`find_fusions` report.
+        alpha: ``"learned"`` (paper v1), ``"balanced"`` (paper v2, drive it with
+            :class:`fxfusion.AlphaBalancer`) or ``"fixed"``.
+        alpha_init: the initial α (0.5 in the paper; 1.0 with ``norm="none"`` keeps outputs).
+        norm: ``"layernorm"`` (default) or ``"none"`` (α only).
+        affine, eps: the LayerNorm's options.
+        inplace: edit ``model`` itself instead of a deep copy.
+
+    Returns:
+        The rewritten model (same root object when ``inplace``). Its report is in
+        ``model.fxfusion_reports["rewrite"]``.
+
+    Example:
+        >>> qat_model = fxfusion.rewrite(model, torch.randn(1, 3, 256, 256))
+        >>> print(qat_model.fxfusion_reports["rewrite"])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"rewrite expects a torch.nn.Module, got {type(model).__name__}")
+    if alpha not in ALPHA_MODES:
+        raise ValueError(f"alpha={alpha!r} is not one of {ALPHA_MODES}")
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r} is not one of {NORMS}")
+    if sites is None:
+        if example_inputs is None:
+            raise TypeError("rewrite needs example_inputs (to find the sites) or sites= from find_fusions")
+        found = find_fusions(model, example_inputs, concrete_args=concrete_args, leaf_types=leaf_types)
+    else:
+        found = sites if isinstance(sites, FusionReport) else FusionReport(sites=list(sites))
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    by_owner: dict[str, list[FusionSite]] = defaultdict(list)
+    for site in found.sites:
+        by_owner[site.owner].append(site)
+    placed: list[dict] = []
+    refused: list[Refusal] = []
+    options = dict(alpha=alpha, alpha_init=alpha_init, norm=norm, affine=affine, eps=eps)
+    for owner, owner_sites in by_owner.items():
+        try:
+            owner_module = model.get_submodule(owner) if owner else model
+        except AttributeError:
+            refused += [Refusal(s.name, s.kind, f"module {owner!r} not found in this model") for s in owner_sites]
+            continue
+        try:
+            placed += _rewrite_owner(owner, owner_module, owner_sites, options, leaf_types)
+        except _SiteMismatch as e:
+            refused += [Refusal(s.name, s.kind, str(e)) for s in owner_sites]
+        except Exception as e:  # noqa: BLE001 - reported per site; the owner keeps its original forward
+            refused += [Refusal(s.name, s.kind, f"owner {type(owner_module).__name__} could not be re-traced: "
+                                f"{type(e).__name__}: {e}") for s in owner_sites]
+
+    if not placed:
+        warnings.warn(f"rewrite: no fusion site was rewritten in {type(model).__name__}; returned unchanged"
+                      + (f" ({len(refused)} refused, see the report)" if refused else ""), stacklevel=2)
+    reports = model.__dict__.setdefault("fxfusion_reports", {})
+    reports["rewrite"] = RewriteReport(placed, refused + list(found.refused), found)
+    return model
+
+
+class _SiteMismatch(RuntimeError):
+    pass
+
+
+def _rewrite_owner(owner: str, module: nn.Module, sites: list[FusionSite], options: dict,
+                   leaf_types: Iterable[type]) -> list[dict]:
+    gm = shallow_trace(module, leaf_types)
+    graph = gm.graph
+    ordinals = fusion_ordinals(graph)
+    by_index = {idx: n for n, (o, idx) in ordinals.items() if o == ""}
+    count = len(by_index)
+    placed, done = [], set()
+    for site in sites:
+        index = site.index % count if count else site.index  # a module called twice shows its ops twice
+        node = by_index.get(index)
+        if node is None or fusion_kind(node) != site.kind:
+            raise _SiteMismatch(f"op #{site.index} of {type(module).__name__}.forward is not a {site.kind}; "
+                                "the model changed since find_fusions")
+        if index in done:
+            continue
+        done.add(index)
+        name = f"gabfusion{index}"
+        fusion = GABFusion(site.kind, site.num_branches, site.axis, site.channels, **options)
+        module.add_module(name, fusion)
+        gm.add_module(name, fusion)
+        operands = _operands(node, site, by_index, count)
+        with graph.inserting_before(node):
+            new = graph.call_module(name, tuple(operands))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        for i in site.absorbed:
+            inner = by_index[i % count]
+            if not inner.users:
+                graph.erase_node(inner)
+        placed.append({"site": site.name, "module": owner or "<root>", "class": site.owner_class,
+                       "op": site.kind, "branches": site.num_branches, "axis": site.axis,
+                       "alpha": options["alpha"], "norm": options["norm"]})
+    graph.lint()
+    gm.recompile()
+    _specialize(module, gm)
+    return placed
+
+
+def _operands(node: fx.Node, site: FusionSite, by_index: dict, count: int) -> list:
+    if site.kind == "cat":
+        tensors = node.args[0] if node.args else node.kwargs["tensors"]
+        return list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
+    inner = {by_index[i % count] for i in site.absorbed}
+
+    def expand(n):
+        args = [n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("other")]
+        return [x for a in args for x in (expand(a) if a in inner else [a])]
+
+    operands = expand(node)
+    if len(operands) != site.num_branches:
+        raise _SiteMismatch(f"{site.name}: expected {site.num_branches} branches, found {len(operands)}")
+    return operands
+
+
+# --- keeping the owner's object and class ---------------------------------------------------------
+
+def _specialize(module: nn.Module, gm: fx.GraphModule) -> None:
+    """Give ``module`` the forward of ``gm`` through a subclass of its own class."""
+    base = getattr(type(module), "_fxfusion_base", type(module))
+    python_code = gm.graph.python_code(root_module="self")
+    src = python_code.src
+    import_block = _format_import_block(python_code.globals, sys_importer)
+    for node in gm.graph.nodes:  # constants that fx lifted into attributes
+        if node.op == "get_attr" and not _has_path(module, node.target):
+            setattr(module, node.target, getattr(gm, node.target))
+    module.__class__ = _make_class(base, src, import_block)
+
+
+def _make_class(base: type, src: str, import_block: str) -> type:
+    namespace: dict = {}
+    exec(compile(import_block + "\n" + src, f"<fxfusion {base.__name__}.forward>", "exec"), namespace)
+    forward = namespace["forward"]
+    return type(base.__name__, (base,), {
+        "forward": forward,
+        "_fxfusion_base": base,
+        "_fxfusion_src": (src, import_block),
+        "__reduce_ex__": _reduce_ex,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+    })
+
+
+def _reduce_ex(self, protocol):
+    # The subclass is made at run time, so pickle/deepcopy rebuild it from the source.
+    return _rebuild, (type(self)._fxfusion_base, *type(self)._fxfusion_src, self.__dict__)
+
+
+def _rebuild(base: type, src: str, import_block: str, state: dict) -> nn.Module:
+    obj = base.__new__(base)
+    obj.__dict__.update(state)
+    obj.__class__ = _make_class(base, src, import_block)
+    return obj
+
+
+def restore_forward(module: nn.Module) -> bool:
+    """Give a rewritten owner back its original class (and forward). True if it was rewritten."""
+    base = getattr(type(module), "_fxfusion_base", None)
+    if base is None:
+        return False
+    module.__class__ = base
+    return True
+
+
+def gabfusion_modules(model: nn.Module) -> dict[str, GABFusion]:
+    """Every GABFusion module in ``model`` by its path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, GABFusion)}
+
+
+def _has_path(module: nn.Module, target: str) -> bool:
+    obj = module
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
