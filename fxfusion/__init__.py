@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from fxfusion.gabfusion import GABFusion
 from fxfusion.passes.find import FusionReport, FusionSite, find_fusions
+from fxfusion.passes.quantize import quantize
 from fxfusion.passes.rewrite import rewrite
 
-__all__ = ["FusionReport", "FusionSite", "GABFusion", "find_fusions", "rewrite"]
+__all__ = ["FusionReport", "FusionSite", "GABFusion", "find_fusions", "quantize", "rewrite"]
 __version__ = "0.1.0"

@@ -68,6 +68,7 @@ class FusionSite:
     channels: int
     consumers: tuple[str, ...]
     absorbed: tuple[int, ...] = ()
+    owner_list_args: tuple[int | None, ...] = ()
 
     def row(self) -> dict:
         return {"site": self.name, "op": self.kind, "module": self.owner or "<root>", "class": self.owner_class,
@@ -106,8 +107,8 @@ class FusionReport:
         if self.refused:
             parts.append(format_table([vars(r) for r in self.refused], title=f"Not sites ({len(self.refused)})"))
         if self.untraceable:
-            parts.append(format_table([vars(u) for u in self.untraceable],
-                                      title=f"Untraceable modules ({len(self.untraceable)}): their own cats/adds were not examined"))
+            title = f"Untraceable modules ({len(self.untraceable)}): their own cats/adds were not examined"
+            parts.append(format_table([vars(u) for u in self.untraceable], title=title))
         return "\n\n".join(parts)
 
     def to_dict(self) -> dict:
@@ -185,14 +186,15 @@ def normalize_inputs(example_inputs: Tensor | Sequence) -> tuple:
 @dataclass
 class _Run:
     unit_args: dict[str, tuple[tuple, dict]]
-    unit_out_kinds: dict[str, list[set[str]]]
+    unit_out_axes: dict[str, list[set[int]]]
+    list_args: dict[str, tuple[int | None, ...]]
 
 
 def _run_example(model: nn.Module, units: list[TracedUnit], inputs: tuple) -> _Run:
     """One eval-mode forward: capture unit inputs, and which unit outputs reach which layer kind."""
     unit_args: dict[str, tuple[tuple, dict]] = {}
     out_fns: dict[str, list] = {}
-    consumers: list[tuple[object, str]] = []
+    consumers: list[tuple[object, int]] = []
     handles = []
     for unit in units:
         if not unit.path:
@@ -206,12 +208,22 @@ def _run_example(model: nn.Module, units: list[TracedUnit], inputs: tuple) -> _R
 
         handles.append(unit.module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(unit.module.register_forward_hook(post))
-    for m in model.modules():
+    list_args: dict[str, tuple[int | None, ...]] = {}
+    for path, m in model.named_modules():
+        if not m.__module__.startswith("torch.nn"):
+
+            def record_lists(mod, args, path=path) -> None:
+                list_args.setdefault(path, tuple(len(a) if isinstance(a, (list, tuple)) else None for a in args))
+
+            handles.append(m.register_forward_pre_hook(record_lists))
         kind = layer_kind(m)
         if kind:
-            handles.append(m.register_forward_pre_hook(
-                lambda mod, args, kind=kind: consumers.append((getattr(args[0], "grad_fn", None), kind))
-                if args else None))
+
+            def record_consumer(mod, args, kind=kind) -> None:
+                if args and isinstance(args[0], Tensor):
+                    consumers.append((args[0].grad_fn, feature_axis(kind, args[0].dim())))
+
+            handles.append(m.register_forward_pre_hook(record_consumer))
 
     run_inputs = tuple(x.detach().clone().requires_grad_(True) if isinstance(x, Tensor) and x.is_floating_point()
                        else x for x in inputs)
@@ -231,7 +243,7 @@ def _run_example(model: nn.Module, units: list[TracedUnit], inputs: tuple) -> _R
             m.training = t
     unit_args[""] = (inputs, {})  # the root unit (whole model traced) runs on the inputs
 
-    reached: dict[object, set[str]] = {}
+    reached: dict[object, set[int]] = {}
     for fn, kind in consumers:
         stack = [fn]
         while stack:
@@ -240,8 +252,8 @@ def _run_example(model: nn.Module, units: list[TracedUnit], inputs: tuple) -> _R
                 continue
             reached[f].add(kind)
             stack.extend(nf for nf, _ in f.next_functions)
-    kinds = {p: [set(reached.get(f, ())) if f is not None else set() for f in fns] for p, fns in out_fns.items()}
-    return _Run(unit_args, kinds)
+    axes = {p: [set(reached.get(f, ())) if f is not None else set() for f in fns] for p, fns in out_fns.items()}
+    return _Run(unit_args, axes, list_args)
 
 
 def leaves(obj) -> list:
@@ -262,6 +274,11 @@ _CHANNEL_FNS = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, F.batch_norm, 
 _LAST_FNS = (F.linear, F.layer_norm)
 
 
+def feature_axis(kind: str, ndim: int) -> int:
+    """The axis a layer of ``kind`` reads as features in an input of ``ndim`` dims."""
+    return 1 if kind == "channel" else ndim - 1
+
+
 def layer_kind(m: nn.Module) -> str | None:
     """``"channel"`` (reads dim 1), ``"last"`` (reads the last dim) or None (not a learnable layer)."""
     if isinstance(m, _CHANNEL_LAYERS):
@@ -274,11 +291,13 @@ def layer_kind(m: nn.Module) -> str | None:
 _TRANSPARENT_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
     nn.Tanh, nn.Mish, nn.ELU, nn.Identity, nn.Upsample, nn.modules.dropout._DropoutNd,
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, GABFusion,
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd, GABFusion,
 )
 _TRANSPARENT_FNS = {
     F.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.mish, F.elu, F.dropout, F.interpolate,
-    F.max_pool2d, F.avg_pool2d, torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.cat, torch.concat,
+    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+    torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.cat, torch.concat,
     torch.add, torch.mul, torch.sub, operator.add, operator.iadd, operator.mul, operator.sub, operator.truediv,
     F.sigmoid if hasattr(F, "sigmoid") else torch.sigmoid,
 }
@@ -301,7 +320,11 @@ def _transparent(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Ops that keep the feature axis where it is, so the consumer walk may pass them."""
     if node.op == "call_module":
         m = modules[node.target]
+        if isinstance(m, nn.Flatten):
+            return m.start_dim == 1
         return isinstance(m, _TRANSPARENT_MODULES) or hasattr(m, "qparams")
+    if _flattens_from(node) is not None:
+        return _flattens_from(node) == 1  # (N, C, ...) -> (N, C·...) keeps the feature axis at 1
     if node.op == "call_function":
         return node.target in _TRANSPARENT_FNS
     if node.op == "call_method":
@@ -309,16 +332,24 @@ def _transparent(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-def _walk_consumers(start: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[tuple[str, str]], list[fx.Node]]:
-    """Learnable layers reached through axis-preserving ops, and the nodes that hit the output."""
+def _flattens_from(node: fx.Node) -> int | None:
+    if (node.op == "call_function" and node.target is torch.flatten) or (
+            node.op == "call_method" and node.target == "flatten"):
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    return None
+
+
+def _walk_consumers(start: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[tuple[str, int]], list[fx.Node]]:
+    """Learnable layers reached through axis-preserving ops (with the axis they read as
+    features), and the nodes that hit the graph output."""
     found, to_output, seen, queue = [], [], {start}, [start]
     while queue:
         cur = queue.pop(0)
         for user in cur.users:
             if user.op == "output":
                 to_output.append(cur)
-            elif (kind := _consumer_kind(user, modules)) is not None:
-                found.append((_node_label(user), kind))
+            elif (kind := _consumer_kind(user, modules)) is not None and hasattr(_meta(cur), "shape"):
+                found.append((_node_label(user), feature_axis(kind, len(_meta(cur).shape))))
             elif _transparent(user, modules) and user not in seen:
                 seen.add(user)
                 queue.append(user)
@@ -419,6 +450,7 @@ def _find_in_unit(model: nn.Module, unit: TracedUnit, run: _Run, report: FusionR
             channels=int(out_meta.shape[axis]),
             consumers=tuple(consumers),
             absorbed=tuple(sorted(ordinals[n][1] for n in inner)),
+            owner_list_args=run.list_args.get(owner, ()),
         )
         found.append(site)
     report.sites += reversed(found)  # graph order (we walked backwards)
@@ -455,15 +487,15 @@ def _check_candidate(node, kind, act, modules, unit, run, ordinals):
         operands, inner = _merge_adds(node, act, ordinals)
 
     found, to_output = _walk_consumers(node, modules)
-    kinds = {k for _, k in found}
+    axes = {a for _, a in found}
     labels = [label for label, _ in found]
     for out_node in to_output:
-        outside = _outside_kinds(unit, out_node, run)
-        kinds |= outside
-        labels += [f"(outside {unit.path}: {k} layer)" for k in sorted(outside)]
-    if not kinds:
+        outside = _outside_axes(unit, out_node, run)
+        axes |= outside
+        labels += [f"(a layer outside {unit.path})"] if outside else []
+    if not axes:
         return "result reaches no learnable layer before a model output (e.g. a head's final cat)"
-    axes = {1 if k == "channel" else ndim - 1 for k in kinds}
+    axes = {a for a in axes if a < ndim}
     if kind == "cat":
         axis = cat_dim(node) % ndim
         if axis not in axes:
@@ -491,13 +523,13 @@ def _merge_adds(node: fx.Node, act: dict, ordinals: dict) -> tuple[list, list[fx
     return operands, inner
 
 
-def _outside_kinds(unit: TracedUnit, out_node: fx.Node, run: _Run) -> set[str]:
+def _outside_axes(unit: TracedUnit, out_node: fx.Node, run: _Run) -> set[int]:
     if not unit.path:
         return set()  # the unit is the whole model: its output is the model output
     output = next(n for n in unit.graph_module.graph.nodes if n.op == "output")
     flat = leaves(output.args[0])
-    kinds = run.unit_out_kinds.get(unit.path, [])
-    return set().union(*(kinds[i] for i, x in enumerate(flat) if x is out_node and i < len(kinds)))
+    axes = run.unit_out_axes.get(unit.path, [])
+    return set().union(*(axes[i] for i, x in enumerate(flat) if x is out_node and i < len(axes)))
 
 
 def _activation_flags(graph: fx.Graph) -> dict[fx.Node, bool]:

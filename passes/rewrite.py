@@ -33,6 +33,7 @@ from torch.package import sys_importer
 from fxfusion.gabfusion import ALPHA_MODES, NORMS, GABFusion
 from fxfusion.passes.find import FusionReport, FusionSite, Refusal, find_fusions, fusion_kind, fusion_ordinals
 from fxfusion.passes.trace import shallow_trace
+from fxfusion.quant.layers import is_quantized
 from fxfusion.report import format_table
 
 __all__ = ["RewriteReport", "rewrite", "restore_forward", "gabfusion_modules"]
@@ -98,6 +99,10 @@ def rewrite(
         raise ValueError(f"alpha={alpha!r} is not one of {ALPHA_MODES}")
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r} is not one of {NORMS}")
+    quantized = [n for n, m in model.named_modules() if is_quantized(m)]
+    if quantized:
+        raise ValueError(f"{type(model).__name__} is already quantized (e.g. {quantized[0]!r}): rewrite first, "
+                         "then quantize: fxfusion.quantize(fxfusion.rewrite(model, x), x, ...)")
     if sites is None:
         if example_inputs is None:
             raise TypeError("rewrite needs example_inputs (to find the sites) or sites= from find_fusions")
@@ -141,7 +146,7 @@ class _SiteMismatch(RuntimeError):
 
 def _rewrite_owner(owner: str, module: nn.Module, sites: list[FusionSite], options: dict,
                    leaf_types: Iterable[type]) -> list[dict]:
-    gm = shallow_trace(module, leaf_types)
+    gm = shallow_trace(module, leaf_types, sites[0].owner_list_args)
     graph = gm.graph
     ordinals = fusion_ordinals(graph)
     by_index = {idx: n for n, (o, idx) in ordinals.items() if o == ""}
@@ -199,12 +204,17 @@ def _operands(node: fx.Node, site: FusionSite, by_index: dict, count: int) -> li
 def _specialize(module: nn.Module, gm: fx.GraphModule) -> None:
     """Give ``module`` the forward of ``gm`` through a subclass of its own class."""
     base = getattr(type(module), "_fxfusion_base", type(module))
+    for node in gm.graph.nodes:
+        node.type = None  # annotations would need their types importable by name when unpickling
     python_code = gm.graph.python_code(root_module="self")
     src = python_code.src
     import_block = _format_import_block(python_code.globals, sys_importer)
     for node in gm.graph.nodes:  # constants that fx lifted into attributes
         if node.op == "get_attr" and not _has_path(module, node.target):
             setattr(module, node.target, getattr(gm, node.target))
+    for spec in ("_in_spec", "_out_spec"):  # list inputs are traced flat (fx PH): keep their pytree spec
+        if getattr(gm, spec, None) is not None:
+            setattr(module, spec, getattr(gm, spec))
     module.__class__ = _make_class(base, src, import_block)
 
 

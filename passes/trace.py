@@ -14,13 +14,14 @@ differ it is reported as mode-dependent and its children are traced instead.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch.fx as fx
 from torch import nn
 
 from fxfusion.gabfusion import GABFusion
+from fxfusion.quant.layers import QUANT_LAYERS
 
 __all__ = [
     "CONTAINERS",
@@ -37,7 +38,7 @@ CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 # Module classes that passes must see as single calls (our own modules). Extended by
 # the quantize pass for its quantized layers.
-_LEAF_TYPES: list[type] = [GABFusion]
+_LEAF_TYPES: list[type] = [GABFusion, *QUANT_LAYERS.values()]
 
 
 def register_leaf(cls: type) -> type:
@@ -131,9 +132,22 @@ def trace_units(
     return result
 
 
-def shallow_trace(module: nn.Module, leaf_types: Iterable[type] = ()) -> fx.GraphModule:
-    """Graph of ``module``'s own forward only: every non-container child is a leaf."""
-    return trace_module(module, FxTracer(leaf_types, shallow=True))
+def shallow_trace(module: nn.Module, leaf_types: Iterable[type] = (),
+                  list_args: Sequence[int | None] = ()) -> fx.GraphModule:
+    """Graph of ``module``'s own forward only: every non-container child is a leaf.
+
+    ``list_args[i] = n`` says positional argument ``i`` is a list of ``n`` tensors (as seen
+    at run time): it is traced as ``n`` placeholders, so ``len()`` and indexing work.
+    """
+    return trace_module(module, FxTracer(leaf_types, shallow=True), _list_placeholders(module, list_args))
+
+
+def _list_placeholders(module: nn.Module, list_args: Sequence[int | None]) -> dict | None:
+    if not any(n is not None for n in list_args):
+        return None
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {params[i].name: [fx.PH] * n for i, n in enumerate(list_args) if n is not None and i < len(params)}
 
 
 def trace_module(module: nn.Module, tracer: FxTracer, concrete_args: dict | None = None) -> fx.GraphModule:
