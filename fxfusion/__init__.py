@@ -8,10 +8,29 @@ The flow (each step a pass in ``fxfusion.passes``)::
 
 from __future__ import annotations
 
+from fxfusion.ada import ADALoss
+from fxfusion.balance import AlphaBalancer
 from fxfusion.gabfusion import GABFusion
+from fxfusion.passes.export import export_onnx
+from fxfusion.passes.fold import deploy
 from fxfusion.passes.find import FusionReport, FusionSite, find_fusions
 from fxfusion.passes.quantize import quantize
 from fxfusion.passes.rewrite import rewrite
+from fxfusion.passes.verify import verify_onnx
+from fxfusion.profile import profile_gradients
 
-__all__ = ["FusionReport", "FusionSite", "GABFusion", "find_fusions", "quantize", "rewrite"]
+__all__ = [
+    "ADALoss",
+    "AlphaBalancer",
+    "FusionReport",
+    "FusionSite",
+    "GABFusion",
+    "deploy",
+    "export_onnx",
+    "find_fusions",
+    "profile_gradients",
+    "quantize",
+    "rewrite",
+    "verify_onnx",
+]
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 __all__ = ["GABFusion", "ALPHA_MODES", "NORMS"]
 
 ALPHA_MODES = ("learned", "balanced", "fixed")
-NORMS = ("layernorm", "none")
+NORMS = ("layernorm", "none")  # deploy adds "frozen": the per-channel affine A⊙h + B
 
 
 class GABFusion(nn.Module):
@@ -108,6 +108,8 @@ class GABFusion(nn.Module):
         if len(xs) != self.num_branches:
             raise ValueError(f"GABFusion built for {self.num_branches} branches got {len(xs)} inputs")
         a = self.alpha()
+        if hasattr(self, "pre_scale0"):  # an explicit deployed site: per-channel branch scales
+            xs = [x * self._along_dim(getattr(self, f"pre_scale{i}"), x.dim()) for i, x in enumerate(xs)]
         scaled = [a[i] * x for i, x in enumerate(xs)]
         if self.alpha_mode == "balanced" and self.training and torch.is_grad_enabled():
             self._record_energy(scaled, a)
@@ -115,9 +117,12 @@ class GABFusion(nn.Module):
         return self.normalize(h)
 
     def normalize(self, h: Tensor) -> Tensor:
-        """Per-sample, per-position LayerNorm across ``self.dim`` (identity for norm='none')."""
+        """Per-sample, per-position LayerNorm across ``self.dim`` (identity for norm='none';
+        the frozen per-channel affine ``A⊙h + B`` once :meth:`freeze` ran)."""
         if self.norm == "none":
             return h
+        if self.norm == "frozen":
+            return h * self._along_dim(self.frozen_scale, h.dim()) + self._along_dim(self.frozen_shift, h.dim())
         mu = h.mean(self.dim, keepdim=True)
         var = h.var(self.dim, unbiased=False, keepdim=True)
         out = (h - mu) * torch.rsqrt(var + self.eps)
@@ -126,6 +131,43 @@ class GABFusion(nn.Module):
             shape[self.dim] = -1
             out = out * self.weight.view(shape) + self.bias.view(shape)
         return out
+
+    def freeze(self, scale: Tensor, shift: Tensor) -> None:
+        """Replace the LayerNorm by the fixed per-channel affine ``scale⊙h + shift`` (deploy)."""
+        self.register_buffer("frozen_scale", scale.detach().clone().float())
+        self.register_buffer("frozen_shift", shift.detach().clone().float())
+        self.norm = "frozen"
+
+    def frozen_affine(self) -> tuple[Tensor, Tensor]:
+        """The affine that replaces the normalization: per channel (A, B), including γ, β."""
+        return self.frozen_scale, self.frozen_shift
+
+    def make_plain(self) -> None:
+        """Become the bare fusion op (α = 1, no normalization): used once α and the affine are folded."""
+        names = ["log_alpha", "dual_logits", "energy_ema", "frozen_scale", "frozen_shift",
+                 *(f"pre_scale{i}" for i in range(self.num_branches))]
+        for name in names:
+            if hasattr(self, name):
+                delattr(self, name)
+        self.register_buffer("fixed_alpha", torch.ones(self.num_branches))
+        self.alpha_mode, self.norm = "fixed", "none"
+        self.weight = self.bias = None
+
+    def set_explicit(self, scales: list[Tensor] | None, shift: Tensor | None) -> None:
+        """Stay as an explicit deployed op: ``fuse(s_i ⊙ x_i) + shift`` (None: keep α and the frozen affine)."""
+        if scales is None:
+            return
+        self.make_plain()
+        for i, s in enumerate(scales):
+            self.register_buffer(f"pre_scale{i}", s.detach().clone().float())
+        self.register_buffer("frozen_scale", torch.ones_like(shift).float())
+        self.register_buffer("frozen_shift", shift.detach().clone().float())
+        self.norm = "frozen"
+
+    def _along_dim(self, v: Tensor, ndim: int) -> Tensor:
+        shape = [1] * ndim
+        shape[self.dim] = -1
+        return v.view(shape)
 
     def _record_energy(self, scaled: list[Tensor], a: Tensor) -> None:
         # G_i = ||∂L/∂x_i|| = α_i·||∂L/∂(α_i x_i)||: a hook on the scaled branch suffices.

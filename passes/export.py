@@ -19,13 +19,17 @@ Rules (``q`` = ``weight_quant.qparams()`` or ``act_quant.qparams()``):
 - **Input activation.** On the layer's activation input only (the other data input of each node
   that consumes ``P.weight``), ``QuantizeLinear -> DequantizeLinear`` with a zero point of the same
   4- or 8-bit type. When ``[qmin, qmax]`` is narrower than the type (3 bits in INT4, 6 bits in
-  INT8, a restricted symmetric range), a ``Clip`` to ``[(qmin - zp) s, (qmax - zp) s]`` comes first:
+  INT8, a restricted symmetric range), a clip to ``[(qmin - zp) s, (qmax - zp) s]`` comes first:
   then ``rint(clip(x) / s) + zp`` equals ``clamp(rint(x / s) + zp, qmin, qmax)`` for every ``x``.
+  The clip is a ``Clip`` for 8-bit types and ``Max -> Min`` for 4-bit types (onnxruntime 1.32's
+  Clip/QuantizeLinear fusion throws on 4-bit zero points) and per-channel grids.
 - **N2UQ activation** (``q.thresholds`` set): the staircase ``code = qmin + #{k : x > t_k}`` is
   ``Unsqueeze(x, -1) > thresholds -> Cast -> ReduceSum(-1) [-> Add qmin]``, then
   ``QuantizeLinear(code, 1, 0) -> DequantizeLinear(scale, zp)`` carries it on the integer type.
   Exact: only comparisons, a sum of small integers and one multiplication.
-- **Bias** stays float.
+- **Bias** stays float. onnxruntime's optimizer (``ORT_ENABLE_BASIC`` and above) rounds the bias of
+  a Conv/Gemm whose output goes straight to a QuantizeLinear to int32 at scale ``s_x s_w``; when
+  the PyTorch bias is not on that grid, the report says so for that layer.
 - **A quantizer outside a quantized layer** (e.g. on a branch) is exported with the same
   activation rules at its own place in the graph: it is traced as a placeholder node, then
   replaced.
@@ -114,7 +118,7 @@ class ExportReport:
             f"ONNX export: {self.path}  (opset {self.opset}, {self.num_nodes} nodes, "
             f"{self.file_size / 1024:.1f} KiB, {self.export_time_s:.2f} s)"
         )
-        ops = ", ".join(f"{k}x{v}" for k, v in sorted(self.op_histogram.items()))
+        ops = ", ".join(f"{k}: {v}" for k, v in sorted(self.op_histogram.items()))
         parts = [head, f"ops: {ops}", format_table([r.row() for r in self.layers], title="quantized layers")]
         parts += [f"note: {n}" for n in self.notes]
         return "\n".join(parts)
@@ -171,7 +175,11 @@ def export_onnx(
     start = time.perf_counter()
     path = os.fspath(path)
     _check_writable(path)
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+    if (
+        isinstance(opset, bool)
+        or not isinstance(opset, int)
+        or not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version()
+    ):
         raise ValueError(
             f"opset={opset!r} is not supported; pass an int in {MIN_OPSET}..{onnx.defs.onnx_opset_version()} "
             f"(default 21, the first opset with INT4/UINT4 QuantizeLinear)"
@@ -193,9 +201,7 @@ def export_onnx(
     for plan in standalone:
         _set_module(work, plan.name, _Placeholder(plan.name, plan.quantizer))
 
-    ranks = _record_ranks(work, args, plans)
-    with torch.no_grad():
-        outputs = _flatten(work(*args))
+    ranks, outputs = _dry_run(work, args, plans + standalone)
     in_names = _names(input_names, len(args), "input", "input_names")
     out_names = _names(output_names, len(outputs), "output", "output_names")
     dynamic_axes = None
@@ -215,6 +221,7 @@ def export_onnx(
     surgery.finish()
     _set_opsets(proto, opset)
     notes += [f"{p.name}: {p.skipped}" for p in plans + standalone if p.skipped]
+    notes += _ort_bias_rounding(proto.graph, plans)
 
     data = _check_and_serialize(proto)
     write_atomic(path, data)
@@ -333,8 +340,13 @@ def _plan(model: nn.Module) -> tuple[list[_Plan], list[_Plan]]:
             continue
         wq, aq = m.weight_quant, m.act_quant
         owned.update(id(sub) for q in (wq, aq) if q is not None for sub in q.modules())
-        plan = _Plan(name, type(m).__name__.replace("Quant", ""), _qparams(wq, f"{name}.weight_quant"),
-                     _qparams(aq, f"{name}.act_quant"), aq)
+        plan = _Plan(
+            name,
+            type(m).__name__.replace("Quant", ""),
+            _qparams(wq, f"{name}.weight_quant"),
+            _qparams(aq, f"{name}.act_quant"),
+            aq,
+        )
         off = [f"{name}.{k}" for k, q in (("weight_quant", wq), ("act_quant", aq)) if q is not None and not q.enabled]
         if off:
             plan.skipped = f"{', '.join(off)} disabled (enabled=False): left in float, as in the PyTorch model"
@@ -401,8 +413,8 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _record_ranks(model: nn.Module, args: tuple[Tensor, ...], plans: list[_Plan]) -> dict[str, int]:
-    """Rank of the tensor each activation quantizer sees (for per-channel clip bounds)."""
+def _dry_run(model: nn.Module, args: tuple[Tensor, ...], plans: list[_Plan]) -> tuple[dict[str, int], list[Tensor]]:
+    """The float model's flat outputs, and the rank each activation quantizer sees (for its axis)."""
     ranks: dict[str, int] = {}
     handles = []
     by_id = {id(p.quantizer): p.name for p in plans if p.quantizer is not None}
@@ -415,11 +427,11 @@ def _record_ranks(model: nn.Module, args: tuple[Tensor, ...], plans: list[_Plan]
             handles.append(m.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            model(*args)
+            outputs = _flatten(model(*args))
     finally:
         for h in handles:
             h.remove()
-    return ranks
+    return ranks, outputs
 
 
 # --------------------------------------------------------------------------- torch export
@@ -450,21 +462,20 @@ def _torch_export(
             )
         except Exception as e:
             raise _explain_export_failure(e, model, args, opset) from e
-    notes = sorted({
-        f"torch.onnx: {w.message}" for w in caught
-        if issubclass(w.category, torch.jit.TracerWarning)
-    })
+    notes = sorted({f"torch.onnx: {w.message}" for w in caught if issubclass(w.category, torch.jit.TracerWarning)})
     return onnx.load_from_string(buffer.getvalue()), notes
 
 
-def _explain_export_failure(error: Exception, model: nn.Module, args: tuple[Tensor, ...], opset: int) -> OnnxExportError:
+def _explain_export_failure(
+    error: Exception, model: nn.Module, args: tuple[Tensor, ...], opset: int
+) -> OnnxExportError:
     match = re.search(r"aten::(\w+)", str(error))
     op = match.group(1) if match else None
     where = _module_calling(model, args, op) if op else None
     what = f"operator aten::{op}" if op else "the model"
     inside = f" in module {where!r}" if where else ""
     return OnnxExportError(
-        f"torch.onnx could not export {what}{inside} at opset {opset} ({type(error).__name__}: "
+        f"torch.onnx (TorchScript exporter, opset {opset}) could not export {what}{inside} ({type(error).__name__}: "
         f"{str(error).splitlines()[0] if str(error) else ''}). Replace that op with a supported "
         f"equivalent in the module's forward, or register a symbolic for it with "
         f"torch.onnx.register_custom_op_symbolic, then export again"
@@ -472,22 +483,29 @@ def _explain_export_failure(error: Exception, model: nn.Module, args: tuple[Tens
 
 
 def _module_calling(model: nn.Module, args: tuple[Tensor, ...], op: str) -> str | None:
-    """Best effort: the innermost module whose forward called a torch function named like ``op``."""
-    names = {id(m): n for n, m in model.named_modules()}
+    """Best effort: the innermost module whose forward called a torch function named like ``op``.
+
+    aten names differ from Python names in places (``fft_fft2`` is ``torch.fft.fft2``,
+    ``_unique2`` is ``Tensor.unique``): an exact name wins, then a name that ``op`` ends with.
+    """
+    names = {id(m): n or "<root>" for n, m in model.named_modules()}
     stack: list[str] = []
-    found: list[str] = []
+    calls: list[tuple[str, str]] = []  # (function name, innermost module)
 
     class _Spy(torch.overrides.TorchFunctionMode):
         def __torch_function__(self, func, types, a=(), kwargs=None):
-            fname = getattr(func, "__name__", "")
-            if not found and fname and (fname == op or fname.lstrip("_") == op.lstrip("_") or op.endswith(fname)):
-                found.append(stack[-1] if stack else "<root>")
+            calls.append((getattr(func, "__name__", ""), stack[-1] if stack else "<root>"))
             return func(*a, **(kwargs or {}))
+
+    def enter(m: nn.Module, _inputs: Any) -> None:
+        stack.append(names[id(m)])
+
+    def leave(_m: nn.Module, _inputs: Any, _output: Any) -> None:
+        stack.pop()
 
     handles = []
     for m in model.modules():
-        handles.append(m.register_forward_pre_hook(lambda m, _i: stack.append(names[id(m)] or "<root>")))
-        handles.append(m.register_forward_hook(lambda m, _i, _o: stack.pop()))
+        handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
     try:
         with torch.no_grad(), _Spy():
             model(*args)
@@ -496,7 +514,16 @@ def _module_calling(model: nn.Module, args: tuple[Tensor, ...], op: str) -> str 
     finally:
         for h in handles:
             h.remove()
-    return found[0] if found else None
+    bare = op.strip("_")
+    for matches in (
+        lambda f: f == op,
+        lambda f: f.strip("_") == bare,
+        lambda f: len(f) > 2 and (bare.endswith("_" + f.strip("_")) or bare.rstrip("0123456789") == f.strip("_")),
+    ):
+        for fname, module in calls:
+            if fname and matches(fname):
+                return module
+    return None
 
 
 # --------------------------------------------------------------------------- ONNX surgery
@@ -587,8 +614,9 @@ def _quantize_layer(s: _Surgery, plan: _Plan, ranks: dict[str, int]) -> LayerExp
         row.weight = _quantize_weight(s, plan, weight_name)
     if plan.act is not None:
         for node, index in computes:
-            out, row.act = _activation_chain(s, node.input[index], plan.act, plan.name, f"{plan.name}.act_quant",
-                                             ranks.get(plan.name))
+            out, row.act = _activation_chain(
+                s, node.input[index], plan.act, plan.name, f"{plan.name}.act_quant", ranks.get(plan.name)
+            )
             s.before.setdefault(node.name, []).extend(s.pending)
             node.input[index] = out
         row.nodes = len(computes)
@@ -639,15 +667,14 @@ def _quantize_weight(s: _Surgery, plan: _Plan, weight_name: str) -> str:
     ]
     attrs = {"axis": 0} if qp.per_channel else {}
     s.taken.discard(weight_name)
-    s.first.append(helper.make_node("DequantizeLinear", inputs, [weight_name], name=s.name(f"{plan.name}/weight/DQ"),
-                                    **attrs))
+    s.first.append(
+        helper.make_node("DequantizeLinear", inputs, [weight_name], name=s.name(f"{plan.name}/weight/DQ"), **attrs)
+    )
     granularity = f"per-channel({scale.numel()})" if qp.per_channel else "per-tensor"
     return f"{TensorProto.DataType.Name(dtype)} {qp.bits}b [{qp.qmin},{qp.qmax}] {granularity}"
 
 
-def _activation_chain(
-    s: _Surgery, value: str, qp: QParams, base: str, where: str, rank: int | None
-) -> tuple[str, str]:
+def _activation_chain(s: _Surgery, value: str, qp: QParams, base: str, where: str, rank: int | None) -> tuple[str, str]:
     """Nodes (left in ``s.pending``) that quantize ``value``; returns (output name, description)."""
     dtype, lo, hi = _int_type(qp, where)
     type_name = TensorProto.DataType.Name(dtype)
@@ -677,8 +704,12 @@ def _activation_chain(
             x = _emit(s, "Max", [x, s.initializer(f"{base}.act_clip_min", low)], base)
             x = _emit(s, "Min", [x, s.initializer(f"{base}.act_clip_max", high)], base)
         else:
-            x = _emit(s, "Clip", [x, s.initializer(f"{base}.act_clip_min", low),
-                                  s.initializer(f"{base}.act_clip_max", high)], base)
+            x = _emit(
+                s,
+                "Clip",
+                [x, s.initializer(f"{base}.act_clip_min", low), s.initializer(f"{base}.act_clip_max", high)],
+                base,
+            )
     scale_name = s.initializer(f"{base}.act_scale", scale)
     zp_name = s.initializer(f"{base}.act_zero_point", zero_point, dtype)
     q = _emit(s, "QuantizeLinear", [x, scale_name, zp_name], base, **axis_attrs)
@@ -693,9 +724,7 @@ def _staircase(s: _Surgery, value: str, qp: QParams, base: str, dtype: int, wher
         raise ValueError(f"{where}: only per-tensor threshold (N2UQ) activations can be exported")
     levels = qp.qmax - qp.qmin + 1
     if qp.thresholds.numel() != levels - 1:
-        raise ValueError(
-            f"{where}: {qp.thresholds.numel()} thresholds for {levels} levels; expected {levels - 1}"
-        )
+        raise ValueError(f"{where}: {qp.thresholds.numel()} thresholds for {levels} levels; expected {levels - 1}")
     last = s.initializer(f"{base}.act_axes", np.array([-1], dtype=np.int64))
     x = _emit(s, "Unsqueeze", [value, last], base)
     x = _emit(s, "Greater", [x, s.initializer(f"{base}.act_thresholds", qp.thresholds.float().numpy())], base)
@@ -732,6 +761,59 @@ def _quantize_standalone(s: _Surgery, plan: _Plan, ranks: dict[str, int]) -> Lay
     return LayerExport(plan.name, plan.kind, "-", desc, len(markers))
 
 
+def _ort_bias_rounding(graph: onnx.GraphProto, plans: list[_Plan]) -> list[str]:
+    """Layers whose float bias onnxruntime's optimizer will round, and by how much.
+
+    From ``ORT_ENABLE_BASIC`` on, onnxruntime's ``WeightBiasQuantization`` rewrites the float bias
+    of a Conv/Gemm whose input is a per-tensor DequantizeLinear and whose output reaches a
+    QuantizeLinear without branching (Relu/Clip allowed) into ``DQ(rint(b / (s_x s_w)), s_x s_w)``.
+    That is what integer kernels need, but it is not the PyTorch model unless its bias already
+    lies on that grid; the result can then differ by one quantization step at a few elements.
+    """
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    notes = []
+    for plan in plans:
+        if plan.act is None or plan.weight is None:
+            continue
+        for node in consumers.get(f"{plan.name}.weight", []):
+            if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+                continue
+            dq = producer.get(node.input[0])
+            if dq is None or dq.op_type != "DequantizeLinear" or len(inits[dq.input[1]].dims) != 0:
+                continue
+            if not _single_path_to_quantize(node, consumers):
+                continue
+            bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+            step = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32) * plan.weight.scale.float().numpy()
+            snapped = (np.rint(bias / step) * step).astype(np.float32)
+            if not np.array_equal(snapped, bias):
+                worst = float(np.max(np.abs(snapped - bias) / step))
+                notes.append(
+                    f"{plan.name}: onnxruntime (ORT_ENABLE_BASIC and above) rounds this float bias to int32 at "
+                    f"scale s_x*s_w (off by up to {worst:.2f} of that step), so its outputs can differ from "
+                    f"PyTorch by one quantization step at a few elements; put the bias on that grid "
+                    f"(b = rint(b / (s_x s_w)) * s_x s_w) in the deployed model to make them equal"
+                )
+    return notes
+
+
+def _single_path_to_quantize(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]]) -> bool:
+    while True:
+        nxt = consumers.get(node.output[0], [])
+        if len(nxt) != 1:
+            return False
+        if nxt[0].op_type == "QuantizeLinear":
+            return True
+        if nxt[0].op_type not in ("Relu", "Clip"):
+            return False
+        node = nxt[0]
+
+
 def _set_opsets(proto: onnx.ModelProto, opset: int) -> None:
     kept = [o for o in proto.opset_import if o.domain != _MARKER_DOMAIN]
     del proto.opset_import[:]
@@ -754,4 +836,3 @@ def _check_and_serialize(proto: onnx.ModelProto) -> bytes:
     except Exception as e:
         raise OnnxExportError(f"onnxruntime (CPUExecutionProvider) cannot load the exported graph: {e}") from e
     return data
-

@@ -138,8 +138,9 @@ def quantize(
                 float_layers.append({"layer": path, "type": type(layer).__name__,
                                      "reason": "no quantized form for this layer type"})
             continue
-        if (pattern and pattern.search(path)) or isinstance(layer, skip_types):
-            skip_hits += 1
+        by_pattern = bool(pattern and pattern.search(path))
+        if by_pattern or isinstance(layer, skip_types):
+            skip_hits += by_pattern  # only regex hits count: a regex that matches nothing must warn
             float_layers.append({"layer": path, "type": type(layer).__name__, "reason": "skipped on request"})
             continue
         role = "first" if path in facts.first else "last" if path in facts.last else ""

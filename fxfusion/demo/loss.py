@@ -112,6 +112,15 @@ class YoloLoss:
                 f"targets has shape {tuple(targets.shape)}; expected (M, 6) rows of "
                 "[batch_idx, cls, cx, cy, w, h], as returned by fxfusion.demo.collate."
             )
+        if (
+            targets.shape[0]
+            and not 0 <= int(targets[:, 1].min()) <= int(targets[:, 1].max()) < self.nc
+        ):
+            raise ValueError(
+                f"targets hold classes {int(targets[:, 1].min())}..{int(targets[:, 1].max())}, "
+                f"but the model's head has nc={self.nc}; build the dataset with "
+                f"num_classes={self.nc} or the model with the dataset's class count."
+            )
         lbox = torch.zeros((), device=device, dtype=dtype)
         lobj = torch.zeros((), device=device, dtype=dtype)
         lcls = torch.zeros((), device=device, dtype=dtype)

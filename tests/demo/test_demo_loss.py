@@ -179,3 +179,10 @@ def test_wrong_outputs_are_refused_with_shapes():
     model = TinyDetector()
     with pytest.raises(ValueError, match=r"expected 2 tensors"):
         YoloLoss(model)([torch.zeros(1, 3, 4, 4, 8)], torch.zeros((0, 6)))
+
+
+def test_targets_with_unknown_classes_are_refused():
+    model = TinyDetector(nc=2)
+    targets = torch.tensor([[0.0, 2.0, 0.5, 0.5, 0.2, 0.2]])
+    with pytest.raises(ValueError, match="nc=2"):
+        YoloLoss(model)(model(torch.zeros(1, 3, 64, 64)), targets)

@@ -1,0 +1,268 @@
+"""The ``fxfusion`` command line: a thin layer over the library's passes.
+
+Usage::
+
+    fxfusion inspect MODEL [--input-shape 1,3,256,256] [--ops cat,add] [--json]
+    fxfusion demo [--method lsq|pact|dsq|n2uq] [--bits 4] [--quick] [--out DIR] [--seed 0]
+
+``MODEL`` is a zoo name (``yolov5``, see ``fxfusion.zoo.ZOO``) or ``package.module:callable``,
+a callable that takes no argument and returns an ``nn.Module`` (``fxfusion.zoo:yolov5`` is the
+zoo entry again). ``python -m fxfusion`` is the same program.
+
+Bad arguments print one line ``fxfusion: error: ...`` on stderr and exit with status 2, like
+argparse's own errors; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import torch
+from torch import nn
+
+from fxfusion.quant import MAX_BITS, MIN_BITS
+
+__all__ = ["DEMO_METHODS", "CliError", "load_model", "main"]
+
+DEMO_METHODS = ("lsq", "pact", "dsq", "n2uq")
+_DEFAULT_SHAPE = (1, 3, 224, 224)
+_EXIT_USAGE = 2  # argparse's status for bad arguments; every argument error here uses it too
+
+
+class CliError(ValueError):
+    """A user's mistake on the command line; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr (usage stays available through --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(_EXIT_USAGE, f"fxfusion: error: {message} (see '{self.prog} --help')\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    Example:
+        >>> main(["inspect", "yolov5", "--json"])  # doctest: +SKIP
+        0
+    """
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return _EXIT_USAGE
+    torch.set_num_threads(args.threads or _default_threads())
+    try:
+        return args.run(args)
+    except CliError as e:
+        sys.stderr.write(f"fxfusion: error: {e}\n")
+        return _EXIT_USAGE
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(prog="fxfusion", description="GABFusion for low-bit QAT of multi-branch networks.")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads (default: the number of cores, at most 8)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    inspect = sub.add_parser("inspect", help="list the fusion sites of a model and what rewrite would do",
+                             description="Find the fusion sites of a model and show what rewrite would place.")
+    inspect.add_argument("model", metavar="MODEL",
+                         help="a zoo name (e.g. yolov5) or module.path:callable returning an nn.Module")
+    inspect.add_argument("--input-shape", type=_shape, default=None, metavar="N,C,H,W",
+                         help="shape of the random example input (default: the zoo entry's, else 1,3,224,224)")
+    inspect.add_argument("--ops", type=_ops, default=None, metavar="OPS",
+                         help="keep only these fusion ops, comma-separated: cat, add (default: both)")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON only")
+    inspect.set_defaults(run=_run_inspect)
+
+    demo = sub.add_parser("demo", help="the end-to-end demo: FP, QAT, GABFusion+ADA, deploy, ONNX, mAP",
+                          description="Train a small YOLOv5 on synthetic shapes, compare QAT with and without "
+                                      "GABFusion+ADA, deploy, export ONNX and score every stage.")
+    demo.add_argument("--method", choices=DEMO_METHODS, default="lsq", help="QAT quantizer (default: lsq)")
+    demo.add_argument("--bits", type=_bits, default=4,
+                      help=f"weight and activation bits, {MIN_BITS}..{MAX_BITS} (default: 4)")
+    demo.add_argument("--quick", action="store_true", help="a small run (about a minute) to check the pipeline")
+    demo.add_argument("--out", default="fxfusion-demo", help="output folder (default: ./fxfusion-demo)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data and of every training run")
+    demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    demo.set_defaults(run=_run_demo)
+    return parser
+
+
+# --- inspect ---------------------------------------------------------------------------------
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from fxfusion.passes.find import find_fusions
+    from fxfusion.report import dumps, format_table
+
+    model, default_shape, label = load_model(args.model)
+    shape = args.input_shape or default_shape
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    try:
+        report = find_fusions(model, x, ops=args.ops)
+    except (ValueError, TypeError) as e:
+        raise CliError(f"{label}: {e}") from e
+    plan = _plan(model, report)
+    if args.json:
+        _emit(dumps({"model": label, "class": type(model).__name__, "input_shape": list(shape),
+                     "sites": report.sites, "refused": report.refused, "untraceable": report.untraceable,
+                     "plan": plan}))
+        return 0
+    _emit(f"{label}: {type(model).__name__}, input {'x'.join(map(str, shape))}\n\n{report}\n\n"
+          + format_table(plan, title=f"Rewrite plan: fxfusion.rewrite(model, x) would place "
+                                     f"{sum(r['status'] == 'placed' for r in plan)} GABFusion module(s)"))
+    return 0
+
+
+def _plan(model: nn.Module, report: Any) -> list[dict]:
+    """What rewrite does with the found sites, from a dry run on a copy of the model."""
+    from fxfusion.passes.rewrite import rewrite
+
+    refused: dict[str, str] = {}
+    error = ""
+    if report.sites:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                done = rewrite(copy.deepcopy(model), sites=report)
+            refused = {r.where: r.reason for r in done.fxfusion_reports["rewrite"].refused}
+        except Exception as e:  # noqa: BLE001 - shown in the plan; inspect itself must not fail on it
+            error = f"rewrite failed: {type(e).__name__}: {e}"
+    return [{"gabfusion module": s.name, "replaces": f"{s.kind} #{s.index} in {s.owner or '<root>'} ({s.owner_class})",
+             "branches": s.num_branches, "axis": s.axis, "channels": s.channels,
+             "status": error or (f"refused: {refused[s.name]}" if s.name in refused else "placed")}
+            for s in report.sites]
+
+
+def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...], str]:
+    """Build the model named by ``spec``: ``(model, default input shape, label)``.
+
+    Args:
+        spec: a zoo name (``"yolov5"``), ``"fxfusion.zoo:yolov5"``, or ``"module.path:callable"``
+            where the callable (dotted attributes allowed) takes no argument.
+
+    Raises:
+        CliError: the module does not import, the attribute is missing or not callable, or the
+            call fails or returns something other than an ``nn.Module``.
+    """
+    from fxfusion import zoo
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        if spec in zoo.ZOO:
+            return _build_zoo(spec)
+        raise CliError(f"MODEL {spec!r} is neither a zoo name ({', '.join(zoo.ZOO)}) nor module.path:callable")
+    if not module_name or not attr:
+        raise CliError(f"MODEL {spec!r} must look like module.path:callable, e.g. fxfusion.zoo.yolov5:yolov5_tiny")
+    if module_name == "fxfusion.zoo" and attr in zoo.ZOO:
+        return _build_zoo(attr)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's module, reported in one line
+        raise CliError(f"cannot import {module_name!r} (from MODEL {spec!r}): {type(e).__name__}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CliError(f"{module_name!r} has no attribute {attr!r} (from MODEL {spec!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise CliError(f"{spec!r} is a {type(obj).__name__}, not a callable that returns an nn.Module")
+    try:
+        model = obj()
+    except Exception as e:  # noqa: BLE001 - the factory is user code
+        raise CliError(f"calling {spec}() failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise CliError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
+    entry = next((e for e in zoo.ZOO.values() if e.build is obj), None)
+    return model, (entry.input_shape if entry else _DEFAULT_SHAPE), spec
+
+
+def _build_zoo(name: str) -> tuple[nn.Module, tuple[int, ...], str]:
+    from fxfusion import zoo
+
+    torch.manual_seed(0)
+    return zoo.build(name), zoo.ZOO[name].input_shape, name
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from fxfusion.demo.pipeline import run_demo
+
+    try:
+        run_demo(method=args.method, bits=args.bits, quick=args.quick, out=args.out, seed=args.seed,
+                 progress=args.progress)
+    except OSError as e:  # an unwritable --out is an argument error; failures inside the run are not
+        if not getattr(e, "filename", None):
+            raise
+        raise CliError(f"--out {args.out!r}: {e.strerror or e}: {e.filename}") from e
+    return 0
+
+
+# --- argument types (argparse turns their ValueError/ArgumentTypeError into a usage error) ---
+
+def _bits(text: str) -> int:
+    bits = _int(text, "bits")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise argparse.ArgumentTypeError(f"{bits} is outside {MIN_BITS}..{MAX_BITS}")
+    return bits
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ints, e.g. 1,3,256,256") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r}: every dimension must be a positive int")
+    return dims
+
+
+def _ops(text: str) -> list[str]:
+    from fxfusion.passes.find import OP_NAMES
+
+    ops = [o.strip() for o in text.split(",") if o.strip()]
+    bad = [o for o in ops if o not in OP_NAMES]
+    if bad or not ops:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(sorted(OP_NAMES))}")
+    return ops
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text, "value")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be an int, got {text!r}") from None
+
+
+def _default_threads() -> int:
+    # torch's default can exceed the cores a container grants; small convs gain nothing past 8.
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def _emit(text: str) -> None:
+    with contextlib.suppress(BrokenPipeError):  # `fxfusion inspect ... | head` is fine
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
