@@ -488,11 +488,11 @@ def _check_candidate(node, kind, act, modules, unit, run, ordinals):
 
     found, to_output = _walk_consumers(node, modules)
     axes = {a for _, a in found}
-    labels = [label for label, _ in found]
+    labels = [_join(unit.path, label) for label, _ in found]
     for out_node in to_output:
         outside = _outside_axes(unit, out_node, run)
         axes |= outside
-        labels += [f"(a layer outside {unit.path})"] if outside else []
+        labels += [f"(a layer after {unit.path})"] if outside else []
     if not axes:
         return "result reaches no learnable layer before a model output (e.g. a head's final cat)"
     axes = {a for a in axes if a < ndim}
