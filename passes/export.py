@@ -22,7 +22,10 @@ Rules (``q`` = ``weight_quant.qparams()`` or ``act_quant.qparams()``):
   INT8, a restricted symmetric range), a clip to ``[(qmin - zp) s, (qmax - zp) s]`` comes first:
   then ``rint(clip(x) / s) + zp`` equals ``clamp(rint(x / s) + zp, qmin, qmax)`` for every ``x``.
   The clip is a ``Clip`` for 8-bit types and ``Max -> Min`` for 4-bit types (onnxruntime 1.32's
-  Clip/QuantizeLinear fusion throws on 4-bit zero points) and per-channel grids.
+  Clip/QuantizeLinear fusion throws on 4-bit zero points) and per-channel grids. A 4-bit grid whose
+  zero point is not the type's minimum also gets a lone ``Max`` to its lower end (a no-op): it
+  stops onnxruntime's ReluQuantFusion from deleting a preceding Relu, which that fusion does for
+  every non-8-bit zero point without checking it.
 - **N2UQ activation** (``q.thresholds`` set): the staircase ``code = qmin + #{k : x > t_k}`` is
   ``Unsqueeze(x, -1) > thresholds -> Cast -> ReduceSum(-1) [-> Add qmin]``, then
   ``QuantizeLinear(code, 1, 0) -> DequantizeLinear(scale, zp)`` carries it on the integer type.
@@ -62,7 +65,15 @@ from fxfusion.quant.base import QParams
 from fxfusion.quant.layers import is_quantized
 from fxfusion.report import format_table, write_atomic
 
-__all__ = ["ExportReport", "LayerExport", "OnnxExportError", "export_onnx"]
+__all__ = [
+    "ExportReport",
+    "LayerExport",
+    "OnnxExportError",
+    "activation_prefix",
+    "export_onnx",
+    "flatten_outputs",
+    "quantized_activations",
+]
 
 MIN_OPSET = 13  # per-axis DequantizeLinear
 INT4_MIN_OPSET = 21  # INT4/UINT4 QuantizeLinear/DequantizeLinear
@@ -77,16 +88,27 @@ class OnnxExportError(RuntimeError):
 
 @dataclass
 class LayerExport:
-    """How one quantized layer (or standalone quantizer) was written."""
+    """How one quantized layer (or standalone quantizer) was written.
+
+    ``weight`` and ``act`` describe the grids in words; ``*_bits`` and ``*_type`` (an ONNX integer
+    type name such as ``"INT4"``) are None where that tensor stayed float.
+    """
 
     layer: str
     kind: str
-    weight: str
-    act: str
+    weight: str = "float"
+    act: str = "float"
     nodes: int = 0  # ONNX compute nodes whose input received the activation QDQ
+    weight_bits: int | None = None
+    weight_type: str | None = None
+    act_bits: int | None = None
+    act_type: str | None = None
 
     def row(self) -> dict[str, Any]:
         return {"layer": self.layer, "kind": self.kind, "weight": self.weight, "act": self.act, "nodes": self.nodes}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass
@@ -129,7 +151,7 @@ class ExportReport:
             "opset": self.opset,
             "num_nodes": self.num_nodes,
             "op_histogram": dict(self.op_histogram),
-            "layers": [r.row() for r in self.layers],
+            "layers": [r.to_dict() for r in self.layers],
             "file_size": self.file_size,
             "export_time_s": self.export_time_s,
             "notes": list(self.notes),
@@ -149,9 +171,11 @@ def export_onnx(
     """Write a deployed model as ONNX with integer weights and QDQ activations.
 
     Args:
-        model: a deployed model (no ``GABFusion`` left; see :func:`fxfusion.deploy`) whose
-            quantized layers are ``QuantConv1d``/``QuantConv2d``/``QuantLinear``. It is not
-            modified: a deep copy is exported.
+        model: a deployed model (see :func:`fxfusion.deploy`) whose quantized layers are
+            ``QuantConv1d``/``QuantConv2d``/``QuantLinear``. A GABFusion site that deploy kept
+            as an explicit per-channel op exports as float ops (and is noted); one that still
+            normalizes (LayerNorm), or any site in a model without a deploy report, is refused.
+            The model is not modified: a deep copy is exported.
         example_inputs: one tensor or a sequence of positional input tensors.
         path: the ``.onnx`` file to write (replaced atomically).
         opset: ONNX opset, ``>= 13``; quantizers of 4 bits or fewer need ``>= 21`` (INT4).
@@ -184,7 +208,7 @@ def export_onnx(
             f"opset={opset!r} is not supported; pass an int in {MIN_OPSET}..{onnx.defs.onnx_opset_version()} "
             f"(default 21, the first opset with INT4/UINT4 QuantizeLinear)"
         )
-    _check_deployed(model)
+    kept_sites = _check_deployed(model)
     args = _as_args(example_inputs)
 
     work = copy.deepcopy(model).eval()
@@ -196,6 +220,10 @@ def export_onnx(
             f"{' ...' if len(low_bit) > 5 else ''}: INT4/UINT4 QuantizeLinear needs opset >= {INT4_MIN_OPSET}; "
             f"pass opset={INT4_MIN_OPSET}"
         )
+    with torch.no_grad():  # the bias as the quantized layer uses it: on the int32 grid of s_x·s_w
+        for m in work.modules():
+            if is_quantized(m) and m.bias is not None:
+                m.bias.copy_(m._quant_bias())
     for q in _all_quantizers(work):
         q.enabled = False
     for plan in standalone:
@@ -213,13 +241,20 @@ def export_onnx(
     if opset > _LEGACY_MAX_OPSET:
         # Opsets 21+ only widen operator type lists for what the legacy exporter emits; the
         # version converter stamps the graph and adapts anything that did change.
-        proto = onnx.version_converter.convert_version(proto, opset)
+        try:
+            proto = onnx.version_converter.convert_version(proto, opset)
+        except Exception as e:
+            raise OnnxExportError(
+                f"onnx's version converter could not lift the exported graph from opset {_LEGACY_MAX_OPSET} to "
+                f"{opset} ({e}); pass opset=21"
+            ) from e
 
     surgery = _Surgery(proto.graph)
     rows = [_quantize_layer(surgery, p, ranks) for p in plans]
     rows += [_quantize_standalone(surgery, p, ranks) for p in standalone]
     surgery.finish()
     _set_opsets(proto, opset)
+    notes += kept_sites
     notes += [f"{p.name}: {p.skipped}" for p in plans + standalone if p.skipped]
     notes += _ort_bias_rounding(proto.graph, plans)
 
@@ -260,18 +295,28 @@ def _check_writable(path: str) -> None:
     os.unlink(probe)
 
 
-def _check_deployed(model: nn.Module) -> None:
+def _check_deployed(model: nn.Module) -> list[str]:
+    """Refuse a model that still trains GABFusion sites; name the explicit sites deploy kept."""
     from fxfusion.gabfusion import GABFusion
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
-    left = [name or "<root>" for name, m in model.named_modules() if isinstance(m, GABFusion)]
-    if left:
+    sites = [(name or "<root>", m) for name, m in model.named_modules() if isinstance(m, GABFusion)]
+    deployed = "deploy" in getattr(model, "fxfusion_reports", {})
+    # deploy freezes every LayerNorm; a site it could not fold stays as an explicit per-channel op
+    # (norm "frozen" or "none"), which exports as plain elementwise ops.
+    training = [name for name, m in sites if m.norm == "layernorm" or not deployed]
+    if training:
         raise ValueError(
-            f"the model is not deployed: it still contains {len(left)} GABFusion module(s) "
-            f"({', '.join(left[:5])}{' ...' if len(left) > 5 else ''}); call fxfusion.deploy(model, calib_data) "
-            f"first, then export the deployed model"
+            f"the model is not deployed: it still contains {len(training)} GABFusion training site(s) "
+            f"({', '.join(training[:5])}{' ...' if len(training) > 5 else ''}); call "
+            f"fxfusion.deploy(model, calib_data) first, then export the deployed model"
         )
+    return [
+        f"{name}: GABFusion site kept by deploy as an explicit per-channel op (its scales could not be "
+        f"folded exactly into a neighbouring layer); it exports as float Mul/Add/Concat"
+        for name, _ in sites
+    ]
 
 
 def _as_args(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
@@ -295,14 +340,14 @@ def _names(names: Sequence[str] | None, count: int, prefix: str, arg: str) -> li
     return names
 
 
-def _flatten(obj: Any) -> list[Tensor]:
-    """The tensors of a nested output, in order (tuples, lists, dict values)."""
+def flatten_outputs(obj: Any) -> list[Tensor]:
+    """The tensors of a nested output, in order (tuples, lists, dict values), as the graph's outputs."""
     if isinstance(obj, Tensor):
         return [obj]
     if isinstance(obj, (list, tuple)):
-        return [t for x in obj for t in _flatten(x)]
+        return [t for x in obj for t in flatten_outputs(x)]
     if isinstance(obj, dict):
-        return [t for x in obj.values() for t in _flatten(x)]
+        return [t for x in obj.values() for t in flatten_outputs(x)]
     return []
 
 
@@ -331,15 +376,38 @@ def _all_quantizers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if _is_quantizer(m)]
 
 
+def quantized_activations(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, quantizer)`` of every enabled activation quantizer, in module order.
+
+    ``path`` is the quantized layer's path for its ``act_quant``, or the quantizer's own path for
+    one that sits outside a quantized layer; :func:`activation_prefix` of it names its ONNX nodes.
+    """
+    layers = [(name, m.act_quant) for name, m in model.named_modules() if is_quantized(m) and m.act_quant is not None]
+    found = layers + _standalone_quantizers(model)
+    return [(name, q) for name, q in found if q.enabled]
+
+
+def _standalone_quantizers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Quantizers that are not a quantized layer's ``weight_quant``/``act_quant`` (nor inside one)."""
+    owned: set[int] = set()
+    for m in model.modules():
+        if is_quantized(m):
+            owned.update(id(sub) for q in (m.weight_quant, m.act_quant) if q is not None for sub in q.modules())
+    found = []
+    for name, q in model.named_modules():
+        if _is_quantizer(q) and id(q) not in owned:
+            owned.update(id(sub) for sub in q.modules())  # an adapter's inner quantizer is not another one
+            found.append((name, q))
+    return found
+
+
 def _plan(model: nn.Module) -> tuple[list[_Plan], list[_Plan]]:
     """Quantized layers and standalone activation quantizers, with their grids."""
     plans: list[_Plan] = []
-    owned: set[int] = set()
     for name, m in model.named_modules():
         if not is_quantized(m):
             continue
         wq, aq = m.weight_quant, m.act_quant
-        owned.update(id(sub) for q in (wq, aq) if q is not None for sub in q.modules())
         plan = _Plan(
             name,
             type(m).__name__.replace("Quant", ""),
@@ -357,12 +425,11 @@ def _plan(model: nn.Module) -> tuple[list[_Plan], list[_Plan]]:
                 f"{' with thresholds' if plan.weight.thresholds is not None else ''}"
             )
         plans.append(plan)
-    standalone = []
-    for name, q in model.named_modules():
-        if _is_quantizer(q) and id(q) not in owned:
-            owned.update(id(sub) for sub in q.modules())  # an adapter's inner quantizer is not another one
-            if q.enabled:
-                standalone.append(_Plan(name, type(q).__name__, None, _qparams(q, name), q))
+    standalone = [
+        _Plan(name, type(q).__name__, None, _qparams(q, name), q)
+        for name, q in _standalone_quantizers(model)
+        if q.enabled
+    ]
     if any(p.name == "" for p in standalone):
         raise ValueError("the model itself is a quantizer; export the network that contains it")
     return plans, standalone
@@ -427,7 +494,7 @@ def _dry_run(model: nn.Module, args: tuple[Tensor, ...], plans: list[_Plan]) -> 
             handles.append(m.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            outputs = _flatten(model(*args))
+            outputs = flatten_outputs(model(*args))
     finally:
         for h in handles:
             h.remove()
@@ -609,9 +676,10 @@ def _quantize_layer(s: _Surgery, plan: _Plan, ranks: dict[str, int]) -> LayerExp
             f"weight or keep this layer in float (leave its weight_quant disabled)"
         )
     computes = _compute_nodes(s, plan.name, weight_name)
-    row = LayerExport(plan.name, plan.kind, "float", "float")
+    row = LayerExport(plan.name, plan.kind)
     if plan.weight is not None:
         row.weight = _quantize_weight(s, plan, weight_name)
+        row.weight_bits, row.weight_type = plan.weight.bits, _type_name(plan.weight)
     if plan.act is not None:
         for node, index in computes:
             out, row.act = _activation_chain(
@@ -620,7 +688,12 @@ def _quantize_layer(s: _Surgery, plan: _Plan, ranks: dict[str, int]) -> LayerExp
             s.before.setdefault(node.name, []).extend(s.pending)
             node.input[index] = out
         row.nodes = len(computes)
+        row.act_bits, row.act_type = plan.act.bits, _type_name(plan.act)
     return row
+
+
+def _type_name(qp: QParams) -> str:
+    return TensorProto.DataType.Name(_ONNX_TYPES[(qp.bits <= 4, qp.qmin < 0)][0])
 
 
 def _compute_nodes(s: _Surgery, layer: str, weight: str) -> list[tuple[onnx.NodeProto, int]]:
@@ -691,14 +764,21 @@ def _activation_chain(s: _Surgery, value: str, qp: QParams, base: str, where: st
         axis_attrs = {"axis": qp.axis % rank}
     x = value
     clipped = qp.qmin > lo or qp.qmax < hi
-    if clipped:
+    # onnxruntime's ReluQuantFusion (ORT_ENABLE_EXTENDED) deletes a Relu in front of a QuantizeLinear
+    # whose zero point is neither INT8 nor UINT8 without looking at it; that is only right when the
+    # zero point is the type's minimum. A Max to the grid's lower end (a no-op before the
+    # saturating QuantizeLinear) keeps such a Relu in place.
+    guarded = not clipped and dtype in (TensorProto.INT4, TensorProto.UINT4) and bool((qp.zero_point != lo).any())
+    if clipped or guarded:
         low = ((qp.qmin - qp.zero_point.float()) * qp.scale.float()).numpy()
         high = ((qp.qmax - qp.zero_point.float()) * qp.scale.float()).numpy()
         if qp.per_channel:
             shape = [1] * rank
             shape[axis_attrs["axis"]] = -1
             low, high = low.reshape(shape), high.reshape(shape)
-        if qp.per_channel or qp.bits <= 4:
+        if guarded:
+            x = _emit(s, "Max", [x, s.initializer(f"{base}.act_clip_min", low)], base)
+        elif qp.per_channel or qp.bits <= 4:
             # Clip takes scalar bounds only, and onnxruntime 1.32's Clip->QuantizeLinear fusion
             # throws on 4-bit zero points ("Unexpected data type ... y_zero_point"): Max, Min.
             x = _emit(s, "Max", [x, s.initializer(f"{base}.act_clip_min", low)], base)
@@ -740,8 +820,17 @@ def _staircase(s: _Surgery, value: str, qp: QParams, base: str, dtype: int, wher
     return _emit(s, "DequantizeLinear", [q, scale, zp], base)
 
 
+def activation_prefix(path: str) -> str:
+    """Name prefix of the nodes that quantize the activation of the module at ``path``.
+
+    The chain ends in a node named ``<prefix>DequantizeLinear`` (``..._1`` for a second call);
+    :func:`fxfusion.passes.verify.verify_onnx` uses it to check each quantizer on its own input.
+    """
+    return f"{path}/act/"
+
+
 def _emit(s: _Surgery, op: str, inputs: list[str], base: str, **attrs: Any) -> str:
-    node = s.node(op, inputs, f"{base}/act", **attrs)
+    node = s.node(op, inputs, activation_prefix(base).rstrip("/"), **attrs)
     s.pending.append(node)
     return node.output[0]
 
@@ -758,7 +847,9 @@ def _quantize_standalone(s: _Surgery, plan: _Plan, ranks: dict[str, int]) -> Lay
         _, desc = _activation_chain(s, marker.input[0], plan.act, plan.name, plan.name, ranks.get(plan.name))
         s.pending[-1].output[0] = marker.output[0]  # the chain takes the placeholder's place
         s.replace[marker.name] = list(s.pending)
-    return LayerExport(plan.name, plan.kind, "-", desc, len(markers))
+    return LayerExport(
+        plan.name, plan.kind, "-", desc, len(markers), act_bits=plan.act.bits, act_type=_type_name(plan.act)
+    )
 
 
 def _ort_bias_rounding(graph: onnx.GraphProto, plans: list[_Plan]) -> list[str]:

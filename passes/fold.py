@@ -3,11 +3,12 @@
 After QAT a site computes ``y = LN(fuse(α_1·x_1, ..., α_K·x_K))``. Deployment (paper §Deployment):
 
 1. **Freeze** the LayerNorm on calibration data: ``LN(h) ≈ A⊙h + B`` per channel.
-   ``stats="fit"`` (default) fits ``A_c, B_c`` per channel by least squares, the affine
+   ``stats="fit"`` fits ``A_c, B_c`` per channel by least squares, the affine
    closest to the LayerNorm on that data. ``stats="ln"`` is the paper's formula: average
    the LayerNorm's own statistics, ``A = 1/sqrt(σ0² + ε)``, ``B = −μ0·A`` (μ0, σ0² the mean
    over positions of the per-position mean and variance). On the zoo models "fit" left a
-   1.2-5× smaller deviation at the sites. With
+   1.2-5× smaller deviation at the sites; but only the paper's channel-uniform affine passes a
+   LayerNorm exactly, so ``stats="auto"`` (default) uses "ln" where a LayerNorm reads the site. With
    ``affine=True``, γ and β are folded in: ``A ← γ⊙A``, ``B ← γ⊙B + β``. The deviation
    this causes is measured at every site on the calibration data.
 2. **Fold** the resulting per-branch affine — branch ``i`` is scaled by ``S_i = α_i·A``
@@ -82,7 +83,7 @@ def deploy(
     model: nn.Module,
     calib_data: Iterable,
     *,
-    stats: str = "fit",
+    stats: str = "auto",
     max_batches: int | None = 8,
     progress: bool = True,
     inplace: bool = False,
@@ -93,8 +94,9 @@ def deploy(
         model: a rewritten (and usually quantized, QAT-trained) model.
         calib_data: an iterable of batches: tensors, or tuples whose first element is
             the model input (a DataLoader of ``(images, targets)`` works).
-        stats: ``"fit"`` (per-channel least squares, default) or ``"ln"`` (the paper's
-            averaged LayerNorm statistics).
+        stats: ``"auto"`` (default: ``"ln"`` where a LayerNorm reads the site, so that it can
+            absorb the channel-uniform affine exactly, ``"fit"`` elsewhere), ``"fit"``
+            (per-channel least squares) or ``"ln"`` (the paper's averaged statistics).
         max_batches: how many calibration batches to use (None: all).
         progress: show a progress bar.
         inplace: edit ``model`` instead of a deep copy.
@@ -110,8 +112,8 @@ def deploy(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"deploy expects a torch.nn.Module, got {type(model).__name__}")
-    if stats not in ("ln", "fit"):
-        raise ValueError(f"stats={stats!r} is not one of ('ln', 'fit')")
+    if stats not in ("auto", "ln", "fit"):
+        raise ValueError(f"stats={stats!r} is not one of ('auto', 'ln', 'fit')")
     batches = calibration_batches(calib_data, max_batches)
     if not inplace:
         model = copy.deepcopy(model)
@@ -119,11 +121,13 @@ def deploy(
     model.eval()
     report = DeployReport(bn_folded=_fold_batchnorms(model))
     reference = [_flat(_run(model, b)) for b in batches]
+    graph = _analyse(model, batches[0])  # the dataflow does not change when the LayerNorms freeze
+    fusions = gabfusion_modules(model)
+    if stats == "auto":
+        stats = {p: "ln" if _feeds_layernorm(p, m, graph) else "fit" for p, m in fusions.items()}
     freeze_stats = freeze(model, batches, stats=stats, inplace=True, progress=progress)
     frozen = [_flat(_run(model, b)) for b in batches]
 
-    graph = _analyse(model, batches[0])
-    fusions = gabfusion_modules(model)
     to_recalibrate: dict[str, nn.Module] = {}
     pending: dict = {}
     for path in list(dict.fromkeys(graph.order)) + [p for p in fusions if p not in graph.order]:
@@ -172,7 +176,7 @@ def calibration_batches(calib_data: Iterable, max_batches: int | None = None) ->
     return batches
 
 
-def freeze(model: nn.Module, batches: list[tuple], *, stats: str = "fit", inplace: bool = False,
+def freeze(model: nn.Module, batches: list[tuple], *, stats: str | dict[str, str] = "fit", inplace: bool = False,
            progress: bool = False) -> dict[str, dict]:
     """Replace every GABFusion LayerNorm by its calibrated per-channel affine.
 
@@ -192,7 +196,7 @@ def freeze(model: nn.Module, batches: list[tuple], *, stats: str = "fit", inplac
         for h in handles:
             h.remove()
     for p, m in fusions.items():
-        m.freeze(*acc[p].affine(stats))
+        m.freeze(*acc[p].affine(stats if isinstance(stats, str) else stats.get(p, "fit")))
     # measure the freeze on the same data
     for st in acc.values():
         st.measuring = True
@@ -394,6 +398,15 @@ def _walk_forward(fn, g: _Graph, channels: int, positive: bool):
                 return f"{_op(u)} needs a positive scale"
             frontier.append((u, shift_ok and name in _SHIFT_COMMUTES, reshaped or "View" in name or "Reshape" in name))
     return found
+
+
+def _feeds_layernorm(path: str, m: GABFusion, g: _Graph) -> bool:
+    """Does a LayerNorm read this site (directly or through pass-through ops)?"""
+    if path not in g.site_out:
+        return False
+    channels = sum(g.sizes[path]) if m.op == "cat" else g.sizes[path][0]
+    found = _walk_forward(g.site_out[path], g, channels, True)
+    return not isinstance(found, str) and any(isinstance(x[2], nn.LayerNorm) for x in found)
 
 
 def _layer_refuses(mod: nn.Module, channels: int, direct: bool) -> str:

@@ -267,19 +267,18 @@ def test_standalone_quantizer_and_nested_outputs(tmp_path) -> None:
     assert max(c.max_abs_error for c in graph_as_written) < 1e-5, str(verify)
 
 
-def test_onnxruntime_bias_rounding_is_reported_and_avoidable(tmp_path) -> None:
+def test_bias_on_the_int32_grid_survives_onnxruntime_bias_rounding(tmp_path) -> None:
     # Conv -> Relu -> QuantizeLinear: onnxruntime's optimizer rounds the float bias to int32 at
-    # scale s_x * s_w. The export says so; a bias already on that grid keeps every level exact.
+    # scale s_x * s_w. Quantized layers hold their bias on exactly that grid, so every level matches.
     model = branchy()
+    with torch.no_grad():  # a bias far off the grid, as BatchNorm folding leaves it
+        model.conv.bias.add_(0.123456)
     path = str(tmp_path / "branchy.onnx")
     report = export_onnx(model, torch.randn(2, 3, 8, 8), path)
-    assert any(n.startswith("conv: onnxruntime") and "int32" in n for n in report.notes), report.notes
-
-    step = model.conv.act_quant.qparams().scale * model.conv.weight_quant.qparams().scale
-    with torch.no_grad():
-        model.conv.bias.copy_(torch.round(model.conv.bias / step) * step)
-    report = export_onnx(model, torch.randn(2, 3, 8, 8), path)
     assert not any("onnxruntime" in n for n in report.notes), report.notes
+    step = model.conv.act_quant.qparams().scale * model.conv.weight_quant.qparams().scale
+    bias = model.conv._quant_bias()
+    assert torch.allclose(bias / step, torch.round(bias / step), atol=1e-3)
     verify = verify_onnx(model, path, torch.randn(8, 3, 8, 8))
     assert verify.passed and verify.max_abs_error < 1e-5, str(verify)
 
@@ -294,6 +293,41 @@ def test_disabled_quantizer_stays_float_and_is_reported(tmp_path) -> None:
     assert verify_onnx(model, path, torch.randn(4, 3, 12, 12)).passed
 
 
+def test_int4_after_relu_survives_onnxruntime_fusions(tmp_path) -> None:
+    # onnxruntime's ReluQuantFusion drops a Relu before any non-8-bit QuantizeLinear; with a signed
+    # INT4 grid (zero point 0, not -8) that would let negative values through. The export guards it.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    model[3] = quantize_layer(model[3], "lsq", 4, True)
+    model.train()
+    model(torch.randn(4, 3, 8, 8))
+    model.eval()
+    path = str(tmp_path / "relu.onnx")
+    report = export_onnx(model, torch.randn(2, 3, 8, 8), path)
+    assert report.op_histogram["Max"] == 1 and report.op_histogram["Relu"] == 1
+    verify = verify_onnx(model, path, torch.randn(4, 3, 8, 8))
+    assert verify.passed and verify.exact and verify.max_abs_error < 1e-5, str(verify)
+
+
+def test_zoo_resnet_exports_exactly(tmp_path) -> None:
+    from fxfusion import zoo
+
+    model = zoo.build("resnet")
+    for name, m in list(model.named_modules()):
+        if type(m) in (nn.Conv2d, nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantize_layer(m, "lsq", 4, True))
+    (x,) = zoo.example_inputs("resnet")
+    model.train()
+    model(x)
+    model.eval()
+    path = str(tmp_path / "resnet.onnx")
+    report = export_onnx(model, x, path)
+    assert len(report.layers) == 21
+    verify = verify_onnx(model, path, x)
+    assert verify.passed and verify.exact, str(verify)
+    assert len(verify.quantizers) == 21 and all(q.end_to_end_mismatch == 0 for q in verify.quantizers)
+
+
 # --------------------------------------------------------------------------- reports
 
 
@@ -306,12 +340,29 @@ def test_reports_print_and_serialise(tmp_path) -> None:
     data = json.loads(dumps(report))
     assert data["file_size"] == os.path.getsize(path) > 0
     assert data["num_nodes"] == sum(data["op_histogram"].values())
+    c2 = next(r for r in data["layers"] if r["layer"] == "c2")
+    assert (c2["weight_bits"], c2["weight_type"], c2["act_bits"], c2["act_type"]) == (4, "INT4", 4, "UINT4")
     assert report.export_time_s > 0
 
     verify = verify_onnx(model, path, torch.randn(4, 3, 12, 12))
     assert {c.level for c in verify.checks} == {"ORT_DISABLE_ALL", "ORT_ENABLE_ALL"}
     assert "PASSED" in str(verify)
     assert json.loads(dumps(verify))["passed"] is True
+
+
+def test_verify_detects_a_wrong_quantizer(tmp_path) -> None:
+    model = conv_net("lsq", 4)
+    path = str(tmp_path / "net.onnx")
+    export_onnx(model, torch.randn(2, 3, 12, 12), path)
+    proto = onnx.load(path)
+    for t in proto.graph.initializer:
+        if t.name == "c2.act_scale":
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * 1.5, t.name))
+    onnx.save(proto, path)
+    verify = verify_onnx(model, path, torch.randn(4, 3, 12, 12))
+    assert not verify.exact  # the outputs may still pass: the 4-bit head absorbs small changes
+    assert [q.layer for q in verify.quantizers if q.local_mismatch > 0] == ["c2"]
+    assert "exact on their own inputs: NO" in str(verify)
 
 
 def test_verify_detects_a_wrong_model(tmp_path) -> None:
@@ -340,6 +391,35 @@ def test_model_with_gabfusion_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"fuse.*fxfusion\.deploy\(model, calib_data\)"):
         export_onnx(Fused(), torch.randn(1, 4, 2, 2), path)
     assert not path.exists()
+
+
+def test_explicit_site_kept_by_deploy_is_exported(tmp_path) -> None:
+    class Site(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.fuse = GABFusion("add", 2, dim=1, channels=4)
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.head(self.fuse(y, nn.functional.silu(y)))
+
+    model = Site()
+    model.head = quantize_layer(model.head, "lsq", 4, True)
+    model.train()
+    model(torch.randn(2, 3, 6, 6))
+    model.eval()
+    model.fuse.freeze(torch.rand(4) + 0.5, torch.randn(4))  # what deploy does to a site it cannot fold
+    path = tmp_path / "site.onnx"
+    with pytest.raises(ValueError, match="not deployed"):  # frozen, but no deploy report
+        export_onnx(model, torch.randn(2, 3, 6, 6), path)
+
+    model.fxfusion_reports = {"deploy": "report"}
+    report = export_onnx(model, torch.randn(2, 3, 6, 6), path)
+    assert any(n.startswith("fuse: GABFusion site kept by deploy") for n in report.notes)
+    verify = verify_onnx(model, path, torch.randn(3, 3, 6, 6))
+    assert verify.passed and verify.exact and verify.max_abs_error < 1e-5, str(verify)
 
 
 def test_failed_export_leaves_no_file(tmp_path, monkeypatch) -> None:

@@ -126,7 +126,8 @@ def round_ste(x: Tensor) -> Tensor:
         >>> round_ste(torch.tensor([0.5, 1.5, 2.4]))
         tensor([0., 2., 2.])
     """
-    return x + (torch.round(x) - x).detach()
+    # r + (x − x) is exactly r in forward; x + (r − x) can be off by one ulp (breaks export parity)
+    return torch.round(x).detach() + (x - x.detach())
 
 
 def grad_scale(x: Tensor, scale: float | Tensor) -> Tensor:
@@ -140,7 +141,7 @@ def grad_scale(x: Tensor, scale: float | Tensor) -> Tensor:
         tensor(0.5000)
     """
     scaled = x * scale
-    return scaled + (x - scaled).detach()
+    return x.detach() + (scaled - scaled.detach())  # exactly x in forward, gradient × scale
 
 
 def fake_quantize(

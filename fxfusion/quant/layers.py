@@ -3,7 +3,11 @@
 ``QuantConv2d`` *is* an ``nn.Conv2d`` (a subclass), keeps the very same ``weight`` and
 ``bias`` Parameters under the same names, and adds two child modules::
 
-    y = conv(act_quant(x), weight_quant(weight), bias)
+    y = conv(act_quant(x), weight_quant(weight), bias_q)
+
+The bias is fake-quantized the way integer kernels hold it: int32 with scale ``s_x·s_w``
+(per output channel), ``bias_q = rint(b / (s_x·s_w))·s_x·s_w``. onnxruntime's QDQ fusion
+(QLinearConv/QGemm) rounds the bias exactly so, so the model we train is the model it runs.
 
 so checkpoints keep loading, ``isinstance(m, nn.Conv2d)`` still holds, and the exporter
 reads everything it needs from ``weight_quant.qparams()`` and ``act_quant.qparams()``.
@@ -13,7 +17,10 @@ reads everything it needs from ``weight_quant.qparams()`` and ``act_quant.qparam
 from __future__ import annotations
 
 import torch.nn.functional as F
+import torch
 from torch import Tensor, nn
+
+from fxfusion.quant.base import round_ste
 
 __all__ = ["QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_LAYERS", "to_quantized", "is_quantized"]
 
@@ -26,26 +33,37 @@ class _QuantMixin:
     def _quant_input(self, x: Tensor) -> Tensor:
         return x if self.act_quant is None else self.act_quant(x)
 
+    def _quant_bias(self) -> Tensor | None:
+        """The bias on the int32 grid of step ``s_x·s_w`` (after both quantizers ran)."""
+        b, aq, wq = self.bias, self.act_quant, self.weight_quant
+        if b is None or aq is None or not (_ready(aq) and _ready(wq)):
+            return b
+        step = (aq.qparams().scale * wq.qparams().scale).detach().to(b.dtype)
+        return round_ste(torch.clamp(b / step, -(2 ** 31), 2 ** 31 - 1)) * step
+
 
 class QuantConv1d(_QuantMixin, nn.Conv1d):
     """``nn.Conv1d`` with fake-quantized weight and input."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self._quant_input(x), self.weight_quant(self.weight), self.bias)
+        x, w = self._quant_input(x), self.weight_quant(self.weight)
+        return self._conv_forward(x, w, self._quant_bias())
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
     """``nn.Conv2d`` with fake-quantized weight and input."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self._quant_input(x), self.weight_quant(self.weight), self.bias)
+        x, w = self._quant_input(x), self.weight_quant(self.weight)
+        return self._conv_forward(x, w, self._quant_bias())
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
     """``nn.Linear`` with fake-quantized weight and input."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self._quant_input(x), self.weight_quant(self.weight), self.bias)
+        x, w = self._quant_input(x), self.weight_quant(self.weight)
+        return F.linear(x, w, self._quant_bias())
 
 
 # float class -> quantized class (exact types: subclasses such as ConvTranspose are not covered)
@@ -61,6 +79,10 @@ def to_quantized(layer: nn.Module, weight_quant: nn.Module, act_quant: nn.Module
     q._modules["weight_quant"] = weight_quant
     q._modules["act_quant"] = act_quant
     return q
+
+
+def _ready(q: nn.Module) -> bool:
+    return getattr(q, "enabled", True) and bool(getattr(q, "initialized", True)) and hasattr(q, "qparams")
 
 
 def is_quantized(m: nn.Module) -> bool:

@@ -132,7 +132,7 @@ class N2UQQuantizer(Quantizer):
                     self.step.copy_(self._weight_step(x.detach()))
             zero_point = torch.zeros_like(self.step, dtype=torch.int64)
             value = fake_quantize(x.detach(), self.step, zero_point, self.qmin, self.qmax, self.axis)
-            return x + (value - x).detach()
+            return value + (x - x.detach())  # exactly the grid value in forward, gradient 1
 
         widths = self.widths.clamp(min=_MIN_WIDTH)
         bounds = self.start + torch.cat([widths.new_zeros(1), torch.cumsum(widths, 0)])
@@ -157,7 +157,8 @@ class N2UQQuantizer(Quantizer):
             raise ValueError("N2UQQuantizer.thresholds(): weight quantizers are uniform and have none")
         with torch.no_grad():
             widths = self.widths.clamp(min=_MIN_WIDTH)
-            return self.start + torch.cumsum(widths, 0) - widths / 2
+            bounds = self.start + torch.cat([widths.new_zeros(1), torch.cumsum(widths, 0)])
+            return bounds[:-1] + widths / 2  # the very expression forward compares against
 
     def qparams(self) -> QParams:
         """``scale`` = output level step, zero point 0; activations add ``thresholds`` and ``levels``."""
