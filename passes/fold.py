@@ -149,6 +149,10 @@ def deploy(
     report.recalibrated = sorted(to_recalibrate)
 
     deployed = [_flat(_run(model, b)) for b in batches]
+    if any(not torch.isfinite(t).all() for ts in deployed for t in ts) and all(
+            torch.isfinite(t).all() for ts in reference for t in ts):
+        raise RuntimeError("deploy produced non-finite outputs where the model had none; please report this "
+                           "with the deploy report:\n" + str(report))
     report.output_deviation = {
         "max_vs_undeployed": _max_dev(reference, deployed), "mean_vs_undeployed": _mean_dev(reference, deployed),
         "max_vs_frozen_ln": _max_dev(frozen, deployed), "mean_vs_frozen_ln": _mean_dev(frozen, deployed),
@@ -251,13 +255,20 @@ class _Stats:
 
     def affine(self, stats: str) -> tuple[Tensor, Tensor]:
         m, c = self.m, self.sh.shape[0]
+        mu0, var0 = self.mu_sum / self.n, self.var_sum / self.n
         if stats == "fit":
             mean_h, mean_y = self.sh / self.n, self.sy / self.n
             var_h = self.shh / self.n - mean_h ** 2
             cov = self.shy / self.n - mean_h * mean_y
-            scale = torch.where(var_h > 1e-12, cov / var_h.clamp_min(1e-12), torch.zeros_like(var_h))
+            ln_scale = 1.0 / math.sqrt(var0 + m.eps)
+            if m.weight is not None:
+                ln_scale = ln_scale * m.weight.detach().double()
+            fitted = cov / var_h.clamp_min(1e-12)
+            # a constant channel fits any slope, and a slope <= 0 would break the folds through
+            # ReLU: keep the LayerNorm's own (positive) scale there
+            usable = (var_h > 1e-10 * (var_h.max() + 1e-30)) & (fitted > 0) & torch.isfinite(fitted)
+            scale = torch.where(usable, fitted, torch.as_tensor(ln_scale, dtype=torch.float64).expand_as(fitted))
             return scale, mean_y - scale * mean_h
-        mu0, var0 = self.mu_sum / self.n, self.var_sum / self.n
         a = torch.full((c,), 1.0 / math.sqrt(var0 + m.eps), dtype=torch.float64)
         b = -mu0 * a
         if m.weight is not None:
@@ -473,7 +484,8 @@ def _fold_site(path: str, m: GABFusion, g: _Graph, pending: dict, recal: dict) -
         else:  # one reference branch k carries the common scale; the others get S_i / S_k
             k = next(i for i in range(m.num_branches) if i not in ok)
             common, rest = branch[k], {i: branch[i] / branch[k] for i in range(m.num_branches) if i != k}
-            if any(i not in ok for i in rest) or not all(bool((r > 0).all()) for r in rest.values()):
+            if any(i not in ok for i in rest) or not all(bool((r > 0).all() and torch.isfinite(r).all())
+                                                         for r in rest.values()):
                 common = None
         if common is not None:
             where = "consumers" + (" (ratios -> producers)" if rest else "")
