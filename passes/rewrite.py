@@ -21,6 +21,7 @@ reports only the new α keys as missing. :func:`restore_forward` undoes it (depl
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -146,8 +147,7 @@ class _SiteMismatch(RuntimeError):
 
 def _rewrite_owner(owner: str, module: nn.Module, sites: list[FusionSite], options: dict,
                    leaf_types: Iterable[type]) -> list[dict]:
-    gm = shallow_trace(module, leaf_types, sites[0].owner_list_args)
-    graph = gm.graph
+    graph = shallow_trace(module, leaf_types, sites[0].owner_list_args)
     ordinals = fusion_ordinals(graph)
     by_index = {idx: n for n, (o, idx) in ordinals.items() if o == ""}
     count = len(by_index)
@@ -164,7 +164,6 @@ def _rewrite_owner(owner: str, module: nn.Module, sites: list[FusionSite], optio
         name = f"gabfusion{index}"
         fusion = GABFusion(site.kind, site.num_branches, site.axis, site.channels, **options)
         module.add_module(name, fusion)
-        gm.add_module(name, fusion)
         operands = _operands(node, site, by_index, count)
         with graph.inserting_before(node):
             new = graph.call_module(name, tuple(operands))
@@ -178,8 +177,7 @@ def _rewrite_owner(owner: str, module: nn.Module, sites: list[FusionSite], optio
                        "op": site.kind, "branches": site.num_branches, "axis": site.axis,
                        "alpha": options["alpha"], "norm": options["norm"]})
     graph.lint()
-    gm.recompile()
-    _specialize(module, gm)
+    _specialize(module, graph)
     return placed
 
 
@@ -201,24 +199,22 @@ def _operands(node: fx.Node, site: FusionSite, by_index: dict, count: int) -> li
 
 # --- keeping the owner's object and class ---------------------------------------------------------
 
-def _specialize(module: nn.Module, gm: fx.GraphModule) -> None:
-    """Give ``module`` the forward of ``gm`` through a subclass of its own class."""
+def _specialize(module: nn.Module, graph: fx.Graph) -> None:
+    """Give ``module`` the forward of ``graph`` through a subclass of its own class."""
     base = getattr(type(module), "_fxfusion_base", type(module))
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         node.type = None  # annotations would need their types importable by name when unpickling
-    python_code = gm.graph.python_code(root_module="self")
-    src = python_code.src
+    python_code = graph.python_code(root_module="self")
     import_block = _format_import_block(python_code.globals, sys_importer)
-    for node in gm.graph.nodes:  # constants that fx lifted into attributes
-        if node.op == "get_attr" and not _has_path(module, node.target):
-            setattr(module, node.target, getattr(gm, node.target))
-    for spec in ("_in_spec", "_out_spec"):  # list inputs are traced flat (fx PH): keep their pytree spec
-        if getattr(gm, spec, None) is not None:
-            setattr(module, spec, getattr(gm, spec))
-    module.__class__ = _make_class(base, src, import_block)
+    info = getattr(graph._codegen, "pytree_info", None)  # list inputs traced flat (fx PH): keep the spec
+    if info is not None:
+        module._in_spec, module._out_spec = info.in_spec, info.out_spec
+    module.__class__ = _make_class(base, python_code.src, import_block)
 
 
+@functools.lru_cache(maxsize=None)
 def _make_class(base: type, src: str, import_block: str) -> type:
+    """One subclass per distinct (class, forward source): owners with the same code share it."""
     namespace: dict = {}
     exec(compile(import_block + "\n" + src, f"<fxfusion {base.__name__}.forward>", "exec"), namespace)
     forward = namespace["forward"]
@@ -256,13 +252,3 @@ def restore_forward(module: nn.Module) -> bool:
 def gabfusion_modules(model: nn.Module) -> dict[str, GABFusion]:
     """Every GABFusion module in ``model`` by its path."""
     return {name: m for name, m in model.named_modules() if isinstance(m, GABFusion)}
-
-
-def _has_path(module: nn.Module, target: str) -> bool:
-    obj = module
-    for part in target.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True
-

@@ -133,13 +133,15 @@ def trace_units(
 
 
 def shallow_trace(module: nn.Module, leaf_types: Iterable[type] = (),
-                  list_args: Sequence[int | None] = ()) -> fx.GraphModule:
+                  list_args: Sequence[int | None] = ()) -> fx.Graph:
     """Graph of ``module``'s own forward only: every non-container child is a leaf.
 
     ``list_args[i] = n`` says positional argument ``i`` is a list of ``n`` tensors (as seen
     at run time): it is traced as ``n`` placeholders, so ``len()`` and indexing work.
+    Returns the bare graph (no GraphModule: the rewrite only edits and re-emits it).
     """
-    return trace_module(module, FxTracer(leaf_types, shallow=True), _list_placeholders(module, list_args))
+    return trace_module(module, FxTracer(leaf_types, shallow=True), _list_placeholders(module, list_args),
+                        graph_only=True)
 
 
 def _list_placeholders(module: nn.Module, list_args: Sequence[int | None]) -> dict | None:
@@ -150,31 +152,26 @@ def _list_placeholders(module: nn.Module, list_args: Sequence[int | None]) -> di
     return {params[i].name: [fx.PH] * n for i, n in enumerate(list_args) if n is not None and i < len(params)}
 
 
-def trace_module(module: nn.Module, tracer: FxTracer, concrete_args: dict | None = None) -> fx.GraphModule:
+def trace_module(module: nn.Module, tracer: FxTracer, concrete_args: dict | None = None,
+                 graph_only: bool = False) -> fx.GraphModule | fx.Graph:
     """Trace in the current mode; if any forward in the subtree reads ``training``,
     also trace the other mode and refuse (ModeDependentError) when the graphs differ."""
-    gm = _trace(module, tracer, concrete_args)
-    if not _reads_training(module, tracer):
-        return gm
-    was_training = module.training
-    try:
-        module.train(not was_training)
-        other = _trace(module, FxTracer(tracer.leaf_types, tracer.shallow), concrete_args)
-    finally:
-        module.train(was_training)
-    if other.code != gm.code:
-        raise ModeDependentError(
-            "forward differs between train and eval mode (a self.training branch); left as is")
-    return gm
+    graph = tracer.trace(module, concrete_args)
+    if _reads_training(module, tracer):
+        was_training = module.training
+        try:
+            module.train(not was_training)
+            other = FxTracer(tracer.leaf_types, tracer.shallow).trace(module, concrete_args)
+        finally:
+            module.train(was_training)
+        if other.python_code("self").src != graph.python_code("self").src:
+            raise ModeDependentError(
+                "forward differs between train and eval mode (a self.training branch); left as is")
+    return graph if graph_only else fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
 class ModeDependentError(RuntimeError):
     """The module's traced graph depends on ``self.training``."""
-
-
-def _trace(module: nn.Module, tracer: FxTracer, concrete_args: dict | None) -> fx.GraphModule:
-    graph = tracer.trace(module, concrete_args)
-    return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
 def _reads_training(module: nn.Module, tracer: FxTracer) -> bool:
