@@ -13,6 +13,7 @@ differ it is reported as mode-dependent and its children are traced instead.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -176,21 +177,25 @@ class ModeDependentError(RuntimeError):
 
 def _reads_training(module: nn.Module, tracer: FxTracer) -> bool:
     """Cheap check before a second trace: does any traced-through forward mention ``training``?"""
+    if tracer.shallow:  # in a shallow trace only the root's own forward runs symbolically
+        return _forward_mentions_training(type(module))
     seen: set[type] = set()
     for path, m in module.named_modules():
         cls = type(m)
-        if cls in seen or (path and tracer.is_leaf_module(m, path) and not tracer.shallow):
+        if cls in seen or (path and tracer.is_leaf_module(m, path)):
             continue
-        if path and tracer.shallow:
-            continue  # in a shallow trace only the root's own forward runs symbolically
         seen.add(cls)
-        try:
-            src = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            return True  # unknown source: be safe, compare both modes
-        if "training" in src:
+        if _forward_mentions_training(cls):
             return True
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_mentions_training(cls: type) -> bool:
+    try:
+        return "training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True  # unknown source: be safe, compare both modes
 
 
 def _reason(e: Exception) -> str:

@@ -1,0 +1,46 @@
+"""Smoke test of benchmarks/passes.py: the quick run writes its JSON and markdown (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "passes.py"
+
+
+def test_passes_benchmark_quick_writes_results(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    data = json.loads((out / "passes.json").read_text())
+    assert data["meta"]["quick"] is True
+    models = [r["model"] for r in data["rows"]]
+    assert {"resnet", "yolov5"} <= set(models)
+    generated = [r for r in data["rows"] if r["kind"] == "generated"]
+    assert len(generated) == 2 and all(r["nodes"] > 0 for r in generated)
+    for row in data["rows"]:
+        # every step has a time or says why not
+        for step in ("symbolic_trace", "find", "rewrite", "quantize", "deploy", "export_onnx", "prepare_qat_fx"):
+            assert isinstance(row[step], (float, str)), (row["model"], step, row[step])
+        assert isinstance(row["rewrite"], float), row  # the pass under test must run on every model
+    assert data["rows"][models.index("yolov5")]["symbolic_trace"].startswith("fails")
+    assert "rewrite" in data["slopes"]
+
+    md = (out / "passes.md").read_text()
+    assert "| model |" in md and "rewrite/trace" in md and "chain-" in md
+    assert "Seconds per pass" in proc.stdout
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "passes_scaling.png").stat().st_size > 0
+
+    # re-rendering from the JSON measures nothing and writes the same files
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--from-json", str(out / "passes.json"), "--out", str(again)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((again / "passes.json").read_text())["rows"] == data["rows"]
+    assert "Rendered from" in (again / "passes.md").read_text()
