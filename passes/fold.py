@@ -620,8 +620,54 @@ def _reset(q: nn.Module) -> None:
 
 
 def _recalibrate(model: nn.Module, quantizers: dict, batches: list[tuple]) -> None:
-    if quantizers:
-        _run(model, batches[0])  # a never-initialized quantizer initializes from this batch
+    """Re-initialize the quantizers whose input changed, then fit their range to it.
+
+    A quantizer's own init (e.g. LSQ's 2·mean|x|/sqrt(Qp)) is meant to *start* QAT; after
+    deploy we are at the end of it, so we also search a common factor on its range
+    parameters that minimizes the quantization MSE on the calibration inputs.
+    """
+    if not quantizers:
+        return
+    seen: dict[str, list[Tensor]] = {name: [] for name in quantizers}
+    hooks = [q.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].detach()))
+             for name, q in quantizers.items()]
+    try:
+        for b in batches[:4]:
+            _run(model, b)  # the first batch initializes them; all batches are recorded
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, q in quantizers.items():
+        if seen[name]:
+            _fit_range(q, seen[name][0] if name.endswith("weight_quant") else torch.cat(
+                [x.flatten() for x in seen[name]]))
+
+
+def _fit_range(q: nn.Module, x: Tensor) -> None:
+    ranges = [getattr(q, n) for n in _range_names(q) if isinstance(getattr(q, n, None), Tensor)]
+    if not ranges:
+        return
+    original = [t.detach().clone() for t in ranges]
+    was_training = q.training
+    q.eval()
+    best, best_m = float("inf"), 1.0
+    with torch.no_grad():
+        for m in torch.linspace(0.3, 2.0, 35).tolist():
+            for t, o in zip(ranges, original):
+                t.copy_(o * m)
+            err = float((q(x) - x).pow(2).mean())
+            if err < best:
+                best, best_m = err, m
+        for t, o in zip(ranges, original):
+            t.copy_(o * best_m)
+    q.train(was_training)
+
+
+def _range_names(q: nn.Module) -> tuple[str, ...]:
+    """Parameters that scale a quantizer's grid as a whole (names of the built-in quantizers)."""
+    names = {"PACTQuantizer": ("alpha", "beta", "running_min", "running_max"),
+             "N2UQQuantizer": ("start", "widths", "step")}
+    return names.get(type(q).__name__, _RANGE_NAMES)
 
 
 # --- helpers --------------------------------------------------------------------------------
