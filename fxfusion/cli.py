@@ -28,11 +28,15 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
+from fxfusion import zoo
+from fxfusion.demo.pipeline import DEMO_METHODS, check_demo_args, run_demo
+from fxfusion.passes.find import OP_NAMES, FusionReport, find_fusions
+from fxfusion.passes.rewrite import rewrite
 from fxfusion.quant import MAX_BITS, MIN_BITS
+from fxfusion.report import dumps, format_table
 
 __all__ = ["DEMO_METHODS", "CliError", "load_model", "main"]
 
-DEMO_METHODS = ("lsq", "pact", "dsq", "n2uq")
 _DEFAULT_SHAPE = (1, 3, 224, 224)
 _EXIT_USAGE = 2  # argparse's status for bad arguments; every argument error here uses it too
 
@@ -64,14 +68,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except CliError as e:
-        sys.stderr.write(f"fxfusion: error: {e}\n")
+        message = " ".join(str(e).split())  # one line, whatever the cause's message held
+        sys.stderr.write(f"fxfusion: error: {message}\n")
         return _EXIT_USAGE
 
 
 def _build_parser() -> _Parser:
     parser = _Parser(prog="fxfusion", description="GABFusion for low-bit QAT of multi-branch networks.")
     parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="torch CPU threads (default: the number of cores, at most 8)")
+                        help="torch CPU threads (default: one per idle core, at most 8)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     inspect = sub.add_parser("inspect", help="list the fusion sites of a model and what rewrite would do",
@@ -102,9 +107,6 @@ def _build_parser() -> _Parser:
 # --- inspect ---------------------------------------------------------------------------------
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from fxfusion.passes.find import find_fusions
-    from fxfusion.report import dumps, format_table
-
     model, default_shape, label = load_model(args.model)
     shape = args.input_shape or default_shape
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -124,10 +126,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(model: nn.Module, report: Any) -> list[dict]:
+def _plan(model: nn.Module, report: FusionReport) -> list[dict]:
     """What rewrite does with the found sites, from a dry run on a copy of the model."""
-    from fxfusion.passes.rewrite import rewrite
-
     refused: dict[str, str] = {}
     error = ""
     if report.sites:
@@ -155,8 +155,6 @@ def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...], str]:
         CliError: the module does not import, the attribute is missing or not callable, or the
             call fails or returns something other than an ``nn.Module``.
     """
-    from fxfusion import zoo
-
     module_name, sep, attr = spec.partition(":")
     if not sep:
         if spec in zoo.ZOO:
@@ -181,14 +179,12 @@ def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...], str]:
     except Exception as e:  # noqa: BLE001 - the factory is user code
         raise CliError(f"calling {spec}() failed: {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
-        raise CliError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
+        raise CliError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
     entry = next((e for e in zoo.ZOO.values() if e.build is obj), None)
     return model, (entry.input_shape if entry else _DEFAULT_SHAPE), spec
 
 
 def _build_zoo(name: str) -> tuple[nn.Module, tuple[int, ...], str]:
-    from fxfusion import zoo
-
     torch.manual_seed(0)
     return zoo.build(name), zoo.ZOO[name].input_shape, name
 
@@ -196,15 +192,13 @@ def _build_zoo(name: str) -> tuple[nn.Module, tuple[int, ...], str]:
 # --- demo ------------------------------------------------------------------------------------
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from fxfusion.demo.pipeline import run_demo
-
     try:
-        run_demo(method=args.method, bits=args.bits, quick=args.quick, out=args.out, seed=args.seed,
-                 progress=args.progress)
-    except OSError as e:  # an unwritable --out is an argument error; failures inside the run are not
-        if not getattr(e, "filename", None):
-            raise
-        raise CliError(f"--out {args.out!r}: {e.strerror or e}: {e.filename}") from e
+        check_demo_args(args.method, args.bits, args.out)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    # Failures inside the run are not argument errors: they keep their traceback.
+    run_demo(method=args.method, bits=args.bits, quick=args.quick, out=args.out, seed=args.seed,
+             progress=args.progress)
     return 0
 
 
@@ -229,8 +223,6 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _ops(text: str) -> list[str]:
-    from fxfusion.passes.find import OP_NAMES
-
     ops = [o.strip() for o in text.split(",") if o.strip()]
     bad = [o for o in ops if o not in OP_NAMES]
     if bad or not ops:
@@ -253,12 +245,21 @@ def _int(text: str, what: str) -> int:
 
 
 def _default_threads() -> int:
-    # torch's default can exceed the cores a container grants; small convs gain nothing past 8.
+    """One thread per idle core, at most 8.
+
+    torch's OpenMP workers spin while they wait for one another, so more threads than idle cores
+    is far slower, not a little: with another process busy on this 2-core machine, a demo training
+    step took 2.2 s with 2 threads and 0.12 s with 1. Idle cores = cores - the 1-minute load.
+    """
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        busy = 0.0
+    return max(1, min(round(cores - busy), cores, 8))
 
 
 def _emit(text: str) -> None:
