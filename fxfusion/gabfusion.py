@@ -42,6 +42,8 @@ class GABFusion(nn.Module):
         norm: ``"layernorm"`` or ``"none"``.
         affine: learn a per-channel γ, β after the normalization.
         eps: the LayerNorm epsilon.
+        add_tree: for an add of K > 2 branches, the original nesting as nested pairs of branch
+            indices, e.g. ``(0, (1, 2))`` for ``a + (b + c)`` (default: left to right).
 
     Example:
         >>> m = GABFusion("cat", 2, dim=1, channels=6)
@@ -61,6 +63,7 @@ class GABFusion(nn.Module):
         norm: str = "layernorm",
         affine: bool = False,
         eps: float = 1e-5,
+        add_tree: tuple | None = None,
     ) -> None:
         super().__init__()
         if op not in ("cat", "add"):
@@ -77,6 +80,7 @@ class GABFusion(nn.Module):
             raise ValueError("affine=True needs the fused channel count: pass channels=")
         self.op, self.num_branches, self.dim, self.channels = op, num_branches, dim, channels
         self.alpha_mode, self.norm, self.eps = alpha, norm, eps
+        self.add_tree = add_tree
         init = torch.full((num_branches,), float(alpha_init))
         if alpha == "learned":
             self.log_alpha = nn.Parameter(init.log())
@@ -113,7 +117,7 @@ class GABFusion(nn.Module):
         scaled = [a[i] * x for i, x in enumerate(xs)]
         if self.alpha_mode == "balanced" and self.training and torch.is_grad_enabled():
             self._record_energy(scaled, a)
-        h = torch.cat(scaled, self.dim) if self.op == "cat" else _sum(scaled)
+        h = torch.cat(scaled, self.dim) if self.op == "cat" else _sum(scaled, getattr(self, "add_tree", None))
         return self.normalize(h)
 
     def normalize(self, h: Tensor) -> Tensor:
@@ -184,8 +188,16 @@ class GABFusion(nn.Module):
                 f"norm={self.norm}, affine={self.weight is not None}")
 
 
-def _sum(xs: list[Tensor]) -> Tensor:
+def _sum(xs: list[Tensor], tree: tuple | None = None) -> Tensor:
+    if tree is not None:  # the original association: float addition is not associative
+        return _sum_tree(xs, tree)
     out = xs[0]
     for x in xs[1:]:
         out = out + x
     return out
+
+
+def _sum_tree(xs: list[Tensor], tree: tuple | int) -> Tensor:
+    if isinstance(tree, int):
+        return xs[tree]
+    return _sum_tree(xs, tree[0]) + _sum_tree(xs, tree[1])

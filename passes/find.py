@@ -297,7 +297,7 @@ _TRANSPARENT_MODULES = (
 _TRANSPARENT_FNS = {
     F.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.mish, F.elu, F.dropout, F.interpolate,
     F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-    torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.cat, torch.concat,
+    torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.cat, torch.concat, torch.concatenate,
     torch.add, torch.mul, torch.sub, operator.add, operator.iadd, operator.mul, operator.sub, operator.truediv,
     F.sigmoid if hasattr(F, "sigmoid") else torch.sigmoid,
 }
@@ -323,6 +323,8 @@ def _transparent(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         if isinstance(m, nn.Flatten):
             return m.start_dim == 1
         return isinstance(m, _TRANSPARENT_MODULES) or hasattr(m, "qparams")
+    if _is_mean(node):
+        return _mean_keeps_features(node)
     if _flattens_from(node) is not None:
         return _flattens_from(node) == 1  # (N, C, ...) -> (N, C·...) keeps the feature axis at 1
     if node.op == "call_function":
@@ -330,6 +332,22 @@ def _transparent(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_method":
         return node.target in _TRANSPARENT_METHODS
     return False
+
+
+def _is_mean(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is torch.mean) or (
+        node.op == "call_method" and node.target == "mean")
+
+
+def _mean_keeps_features(node: fx.Node) -> bool:
+    """Global pooling ``x.mean((2, 3))``: reducing only axes past 1 keeps the feature axis at 1."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None:
+        return False
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+    ndim = len(meta.shape) if hasattr(meta, "shape") else None
+    return ndim is not None and ndim > 2 and all(isinstance(d, int) and d % ndim >= 2 for d in dims)
 
 
 def _flattens_from(node: fx.Node) -> int | None:

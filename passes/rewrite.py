@@ -162,9 +162,9 @@ def _rewrite_owner(owner: str, module: nn.Module, sites: list[FusionSite], optio
             continue
         done.add(index)
         name = f"gabfusion{index}"
-        fusion = GABFusion(site.kind, site.num_branches, site.axis, site.channels, **options)
+        operands, tree = _operands(node, site, by_index, count)
+        fusion = GABFusion(site.kind, site.num_branches, site.axis, site.channels, add_tree=tree, **options)
         module.add_module(name, fusion)
-        operands = _operands(node, site, by_index, count)
         with graph.inserting_before(node):
             new = graph.call_module(name, tuple(operands))
         node.replace_all_uses_with(new)
@@ -181,20 +181,29 @@ def _rewrite_owner(owner: str, module: nn.Module, sites: list[FusionSite], optio
     return placed
 
 
-def _operands(node: fx.Node, site: FusionSite, by_index: dict, count: int) -> list:
+def _operands(node: fx.Node, site: FusionSite, by_index: dict, count: int) -> tuple[list, tuple | None]:
+    """The branches of a site, and for a merged add chain its nesting (so the sum keeps the
+    original association and α = 1 reproduces the model bit for bit)."""
     if site.kind == "cat":
         tensors = node.args[0] if node.args else node.kwargs["tensors"]
-        return list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
+        return (list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]), None
     inner = {by_index[i % count] for i in site.absorbed}
+    operands: list = []
 
     def expand(n):
-        args = [n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("other")]
-        return [x for a in args for x in (expand(a) if a in inner else [a])]
+        tree = []
+        for a in (n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("other")):
+            if a in inner:
+                tree.append(expand(a))
+            else:
+                operands.append(a)
+                tree.append(len(operands) - 1)
+        return tuple(tree)
 
-    operands = expand(node)
+    tree = expand(node)
     if len(operands) != site.num_branches:
         raise _SiteMismatch(f"{site.name}: expected {site.num_branches} branches, found {len(operands)}")
-    return operands
+    return operands, tree
 
 
 # --- keeping the owner's object and class ---------------------------------------------------------
