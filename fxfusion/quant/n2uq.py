@@ -139,7 +139,7 @@ class N2UQQuantizer(Quantizer):
         thresholds = bounds[:-1] + widths / 2
         n = widths.numel()
 
-        x_search = x.detach().to(bounds.dtype)  # bucketize needs one dtype (e.g. fp16 inputs)
+        x_search = x.detach().to(bounds.dtype).contiguous()  # bucketize needs one dtype (e.g. fp16 inputs)
         code = self.qmin + torch.bucketize(x_search, thresholds.detach()).to(x.dtype)
         # G-STE: the piecewise-linear F(x), evaluated by interval index j (T_j < x <= T_{j+1}).
         j = torch.bucketize(x_search, bounds.detach()) - 1
