@@ -11,7 +11,7 @@ Variants, each on its own copy of the same YOLOv5-style zoo model:
 After a warm-up, the variants are timed in interleaved repetitions (the order rotates every
 repetition), so machine noise hits them alike; the table reports the median step time over the
 repetitions and its ratio to the float step. On a shared machine, a timing during which the
-process did not get its CPUs (process CPU time < 0.8 x threads x wall time) is redone, up to 5
+process did not get its CPUs (process CPU time < 0.8 x threads x wall time) is redone, up to 3
 times; the JSON counts these.
 
 Usage::
@@ -48,7 +48,7 @@ from fxfusion.report import format_table, write_atomic
 
 METHODS = ("lsq", "pact", "dsq", "n2uq", "minmax")
 CLEAN_CPU_SHARE = 0.8  # below this share of its threads' CPU time, a timing was disturbed
-MAX_RETRIES = 5
+MAX_RETRIES = 3
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -184,7 +184,9 @@ def _markdown(rows: list[dict], meta: dict, title: str) -> str:
     load = meta["load_avg_1min"]
     lines += ["", f"torch {meta['torch']}, Python {meta['python']}, {meta['machine']}, {meta['cpus']} CPUs "
               f"(1-min load average {load['before']} before, {load['after']} after timing); warm-up "
-              f"{meta['warmup']} steps per variant; produced by `python benchmarks/qat_step.py`"
+              f"{meta['warmup']} steps per variant; timings redone because other processes held the CPUs: "
+              f"{sum(meta['retimed_for_cpu_contention'].values())} (a max far above the median is a rep that "
+              f"stayed disturbed after {MAX_RETRIES} retries); produced by `python benchmarks/qat_step.py`"
               + (" --quick" if meta["quick"] else "") + ".", ""]
     return "\n".join(lines)
 
