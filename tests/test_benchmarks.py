@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/passes.py: the quick run writes its JSON and markdown (no timing assertions)."""
+"""Smoke tests of the benchmark scripts: quick runs write their JSON, markdown and plots (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -44,3 +44,38 @@ def test_passes_benchmark_quick_writes_results(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((again / "passes.json").read_text())["rows"] == data["rows"]
     assert "Rendered from" in (again / "passes.md").read_text()
+
+
+ACCURACY = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+
+
+def test_accuracy_benchmark_quick_runs_every_variant_and_resumes(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(ACCURACY), "--quick", "--no-progress", "--workers", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    data = json.loads((out / "accuracy.json").read_text())
+    assert data["quick"] is True
+    records = data["records"]
+    assert {(r["kind"], r["dataset"]) for r in records} == {(k, d) for k in ("fp", "qat") for d in ("shapes", "digits")}
+    for r in (r for r in records if r["kind"] == "qat"):
+        # every variant ran, both GABFusion variants were deployed, the ablation ran the other divergence
+        assert {"baseline", "gab", "gab+ada", "gab deployed", "gab+ada deployed"} <= set(r["map50"])
+        other = "gab+ada[kl]" if r["method"] == "n2uq" else "gab+ada[js]"
+        assert other in r["map50"]
+        assert all(0.0 <= v <= 1.0 for v in r["map50"].values())
+    summary = data["summary"]
+    assert {row["variant"] for row in summary["rows"]} == {"QAT baseline", "+ GABFusion", "+ GABFusion + ADA"}
+    assert len(summary["ablation"]) == 4 and len(summary["overall"]) == 4
+    md = (out / "accuracy.md").read_text()
+    assert "| dataset | bits | method | variant |" in md and "gap closed" in md
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "accuracy.png").stat().st_size > 0
+
+    # a rerun finds every cell in the runs file and trains nothing
+    lines = (out / "accuracy_runs.jsonl").read_text().splitlines()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "accuracy_runs.jsonl").read_text().splitlines() == lines
+    assert json.loads((out / "accuracy.json").read_text())["summary"]["rows"] == summary["rows"]

@@ -86,6 +86,7 @@ class ShapesDataset(Dataset):
         self.max_objects = int(max_objects)
         self.class_names: tuple[str, ...] = CLASS_NAMES[:num_classes]
         self.cache = cache
+        self.size_range = _SIZE_RANGE  # longer box side, as a fraction of the image side
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # Pixel-centre coordinates, shared by every drawing call.
         coords = np.arange(self.img_size, dtype=np.float32) + 0.5
@@ -165,7 +166,7 @@ class ShapesDataset(Dataset):
         """A box (cx, cy, w, h) in pixels, inside the image, not hiding an earlier object."""
         size = self.img_size
         for _ in range(_PLACEMENT_TRIES):
-            side = rng.uniform(*_SIZE_RANGE) * size
+            side = rng.uniform(*self.size_range) * size
             aspect = math.exp(rng.uniform(math.log(0.7), math.log(1.0 / 0.7)))
             w, h = (side, side / aspect) if aspect >= 1.0 else (side * aspect, side)
             cx = rng.uniform(w / 2, size - w / 2)

@@ -51,9 +51,11 @@ from fxfusion.report import dumps, format_table, write_atomic
 
 __all__ = [
     "DEMO_METHODS",
+    "ADAHook",
     "DemoConfig",
     "check_demo_args",
     "gabfusion_demo_model",
+    "neck_ada",
     "neck_concats",
     "onnx_predictor",
     "reestimate_batchnorm",
@@ -230,8 +232,8 @@ def _run(config: DemoConfig, out: Path, progress: bool, say: Callable[[str], Non
     reestimate_batchnorm(rewritten, _take(data.calib_loader, config.bn_batches))
     scores["FP32 + GABFusion (before QAT)"] = score(rewritten, data.val)
     student = fxfusion.quantize(rewritten, x, **qat_kwargs)
-    ada = _ada_loss(student, fp, config)
-    train(student, data.train_loader, config.qat_steps, loss_fn=YoloLoss(student), hooks=[_ADAHook(ada)],
+    ada = neck_ada(student, fp, config.divergence, config.ada_weight)
+    train(student, data.train_loader, config.qat_steps, loss_fn=YoloLoss(student), hooks=[ADAHook(ada)],
           desc="[3/6] qat gabfusion+ada", **train_kwargs)
     ada.remove()
     scores[name_gabf] = score(student, data.val)
@@ -448,7 +450,7 @@ class _Data:
         return torch.stack([self.val[i][0] for i in range(min(n, len(self.val)))])
 
 
-class _ADAHook(TrainHook):
+class ADAHook(TrainHook):
     """Adds the ADA loss (teacher forward on the same images) to every training step."""
 
     def __init__(self, ada: nn.Module) -> None:
@@ -458,12 +460,13 @@ class _ADAHook(TrainHook):
         return self.ada(images)
 
 
-def _ada_loss(student: nn.Module, teacher: nn.Module, config: DemoConfig) -> nn.Module:
+def neck_ada(student: nn.Module, teacher: nn.Module, divergence: str, weight: float) -> nn.Module:
+    """ADA (SimAM attention) between the student's neck GABFusions and a frozen copy of ``teacher``'s Concats."""
     from fxfusion.ada import ADALoss
 
     sites = {f"{p}.gabfusion0": p for p in neck_concats(teacher)}
-    return ADALoss(student, copy.deepcopy(teacher), sites=sites, attention="simam", divergence=config.divergence,
-                   weight=config.ada_weight)
+    return ADALoss(student, copy.deepcopy(teacher), sites=sites, attention="simam", divergence=divergence,
+                   weight=weight)
 
 
 def _take(loader: DataLoader, n: int) -> list[tuple[Tensor, Tensor]]:
