@@ -2,11 +2,13 @@
 
 They share :class:`QuantizerProtocol` (fake-quantize in ``forward``, describe the grid with
 ``qparams()``); any module with that protocol plugs into fxfusion in their place.
-:func:`make_quantizer` builds one by name from the :data:`QUANTIZERS` dict.
+:func:`make_quantizer` builds one by name from the :data:`QUANTIZERS` dict; :func:`ao_factory` wraps
+torch.ao fake quantizers in the same protocol.
 """
 
 from __future__ import annotations
 
+from fxfusion.quant.ao import AOFakeQuantizer, ao_factory
 from fxfusion.quant.base import (
     MAX_BITS,
     MIN_BITS,
@@ -29,6 +31,7 @@ __all__ = [
     "MAX_BITS",
     "MIN_BITS",
     "QUANTIZERS",
+    "AOFakeQuantizer",
     "DSQQuantizer",
     "LSQQuantizer",
     "MinMaxQuantizer",
@@ -37,6 +40,7 @@ __all__ = [
     "QParams",
     "Quantizer",
     "QuantizerProtocol",
+    "ao_factory",
     "check_bits",
     "fake_quantize",
     "grad_scale",

@@ -9,11 +9,14 @@ torchvision-style variant with an explicit activation class, used by the classif
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SPPF", "Concat", "Conv", "ConvBNAct", "autopad", "init_bn_stats", "make_divisible"]
+__all__ = ["SPPF", "Concat", "Conv", "ConvBNAct", "autopad", "forward_routed", "init_bn_stats", "make_divisible",
+           "parse_yolo"]
 
 
 def autopad(k: int, p: int | None = None, d: int = 1) -> int:
@@ -135,3 +138,69 @@ class SPPF(nn.Module):
         y2 = self.m(y1)
         y3 = self.m(y2)
         return self.cv2(torch.cat((x, y1, y2, y3), 1))
+
+
+def parse_yolo(
+    spec: Mapping[str, Any],
+    ch: int,
+    modules: Mapping[str, type[nn.Module]],
+    *,
+    scaled: Sequence[type[nn.Module]],
+    repeats: Sequence[type[nn.Module]],
+    named_args: Mapping[str, Any],
+) -> tuple[nn.Sequential, list[int]]:
+    """Build the layers of an Ultralytics-style YOLO spec and the sorted indices of the outputs to keep.
+
+    ``spec`` holds ``backbone`` + ``head`` rows ``(from, repeats, module name, args)``, the
+    ``depth_multiple`` and ``width_multiple`` gains and an optional ``max_channels`` cap. Modules in
+    ``scaled`` take ``(c_in, c_out, *args)`` with the width gain on ``c_out``; those in ``repeats``
+    repeat their bottlenecks themselves (the depth gain becomes their ``n`` argument). String args
+    are looked up in ``named_args`` (``"nc"``, ``"anchors"``).
+    """
+    gd, gw = spec["depth_multiple"], spec["width_multiple"]
+    max_channels = spec.get("max_channels")
+    chs = [ch]  # output channels per layer; starts with the input's
+    layers: list[nn.Module] = []
+    save: list[int] = []
+    for i, (f, n, name, args) in enumerate(spec["backbone"] + spec["head"]):
+        if name not in modules:
+            raise ValueError(f"layer {i}: unknown module {name!r}; known: {sorted(modules)}")
+        module = modules[name]
+        args = [named_args.get(a, a) if isinstance(a, str) else a for a in args]
+        n = max(round(n * gd), 1) if n > 1 else n  # depth gain
+        if module in scaled:
+            c_out = args[0] if max_channels is None else min(args[0], max_channels)
+            c1, c2 = chs[f], make_divisible(c_out * gw, 8)  # width gain
+            args = [c1, c2, *args[1:]]
+            if module in repeats:
+                args.insert(2, n)
+                n = 1
+        elif module is Concat:
+            c2 = sum(chs[j] for j in f)
+        elif name == "Detect":
+            args.append([chs[j] for j in f])
+            c2 = chs[-1]  # unused: Detect is last
+        else:
+            c2 = chs[f]
+        layer = nn.Sequential(*(module(*args) for _ in range(n))) if n > 1 else module(*args)
+        # Routing attributes, set on every layer as the YOLO code bases do; the parent's forward reads them.
+        layer.i, layer.f = i, f
+        layer.type = f"{module.__module__}.{module.__qualname__}"
+        layer.np = sum(p.numel() for p in layer.parameters())
+        save.extend(j % i for j in ([f] if isinstance(f, int) else f) if j != -1)
+        layers.append(layer)
+        if i == 0:
+            chs = []
+        chs.append(c2)
+    return nn.Sequential(*layers), sorted(save)
+
+
+def forward_routed(layers: nn.Sequential, save: Sequence[int], x: Any) -> Any:
+    """Run YOLO layers in order, feeding each the outputs its ``f`` names (-1: the previous layer)."""
+    y: list[Any] = []  # outputs kept for later layers (None where nobody reads them)
+    for m in layers:
+        if m.f != -1:
+            x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+        x = m(x)
+        y.append(x if m.i in save else None)
+    return x

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxfusion.zoo.common import SPPF, Concat, Conv, init_bn_stats, make_divisible
+from fxfusion.zoo.common import SPPF, Concat, Conv, forward_routed, init_bn_stats, parse_yolo
 
 __all__ = [
     "ANCHORS",
@@ -181,41 +181,8 @@ _MODULES: dict[str, type[nn.Module]] = {
 
 def parse_model(spec: dict[str, Any], ch: int) -> tuple[nn.Sequential, list[int]]:
     """Build the layers of a YOLOv5 spec and the sorted indices of the outputs to keep."""
-    nc, gd, gw, anchors = spec["nc"], spec["depth_multiple"], spec["width_multiple"], spec["anchors"]
-    named_args = {"nc": nc, "anchors": anchors}
-    chs = [ch]  # output channels per layer; starts with the input's
-    layers: list[nn.Module] = []
-    save: list[int] = []
-    for i, (f, n, name, args) in enumerate(spec["backbone"] + spec["head"]):
-        if name not in _MODULES:
-            raise ValueError(f"layer {i}: unknown module {name!r}; known: {sorted(_MODULES)}")
-        module = _MODULES[name]
-        args = [named_args.get(a, a) if isinstance(a, str) else a for a in args]
-        n = max(round(n * gd), 1) if n > 1 else n  # depth gain
-        if module in (Conv, Bottleneck, C3, SPPF):
-            c1, c2 = chs[f], make_divisible(args[0] * gw, 8)  # width gain
-            args = [c1, c2, *args[1:]]
-            if module is C3:
-                args.insert(2, n)  # C3 repeats its bottlenecks itself
-                n = 1
-        elif module is Concat:
-            c2 = sum(chs[j] for j in f)
-        elif module is Detect:
-            args.append([chs[j] for j in f])
-            c2 = chs[-1]  # unused: Detect is last
-        else:
-            c2 = chs[f]
-        layer = nn.Sequential(*(module(*args) for _ in range(n))) if n > 1 else module(*args)
-        # Routing attributes, set on every layer as YOLOv5 does; the parent's forward reads them.
-        layer.i, layer.f = i, f
-        layer.type = f"{module.__module__}.{module.__qualname__}"
-        layer.np = sum(p.numel() for p in layer.parameters())
-        save.extend(j % i for j in ([f] if isinstance(f, int) else f) if j != -1)
-        layers.append(layer)
-        if i == 0:
-            chs = []
-        chs.append(c2)
-    return nn.Sequential(*layers), sorted(save)
+    return parse_yolo(spec, ch, _MODULES, scaled=(Conv, Bottleneck, C3, SPPF), repeats=(C3,),
+                      named_args={"nc": spec["nc"], "anchors": spec["anchors"]})
 
 
 class YOLOv5(nn.Module):
@@ -264,13 +231,7 @@ class YOLOv5(nn.Module):
         return self._forward_once(x)
 
     def _forward_once(self, x: torch.Tensor) -> Any:
-        y: list[Any] = []  # outputs kept for later layers (None where nobody reads them)
-        for m in self.model:
-            if m.f != -1:
-                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-            x = m(x)
-            y.append(x if m.i in self.save else None)
-        return x
+        return forward_routed(self.model, self.save, x)
 
     def _forward_augment(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         """Test-time augmentation: the image and its left-right flip, predictions concatenated."""
