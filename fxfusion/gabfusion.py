@@ -95,8 +95,10 @@ class GABFusion(nn.Module):
             self.bias = nn.Parameter(torch.zeros(channels))
         else:
             self.weight = self.bias = None
-        # Filled in backward (balanced mode): sum over the step of ||∂L/∂x_i||², per branch.
-        self.register_buffer("grad_energy", torch.zeros(num_branches), persistent=False)
+        # Filled in backward (balanced mode): sum over the step of ||∂L/∂x_i||², per branch. Rank-local,
+        # so not a buffer: DistributedDataParallel broadcasts rank 0's buffers before every forward,
+        # which would overwrite the energy accumulated over earlier micro-batches (moved by _apply).
+        self.grad_energy = torch.zeros(num_branches)
 
     def alpha(self) -> Tensor:
         """The current per-branch scales, shape (K,)."""
@@ -172,6 +174,11 @@ class GABFusion(nn.Module):
         shape = [1] * ndim
         shape[self.dim] = -1
         return v.view(shape)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .double() also move grad_energy
+        super()._apply(fn, *args, **kwargs)
+        self.grad_energy = fn(self.grad_energy)
+        return self
 
     def _record_energy(self, scaled: list[Tensor], a: Tensor) -> None:
         # G_i = ||∂L/∂x_i|| = α_i·||∂L/∂(α_i x_i)||: a hook on the scaled branch suffices.

@@ -162,6 +162,8 @@ def profile_gradients(
 
     flags = {m: m.training for m in model.modules()}
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    # GABFusion's rank-local gradient energy is a plain tensor attribute, not a buffer
+    buffers += [(m.grad_energy, m.grad_energy.clone()) for m in model.modules() if isinstance(m, GABFusion)]
     grads = {p: p.grad for p in model.parameters()}
     handles = [modules[p].register_forward_pre_hook(_alias_inputs(p, current[p], shapes[p])) for p in paths]
     try:

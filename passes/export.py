@@ -279,7 +279,11 @@ def export_onnx(
 def _check_writable(path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise IsADirectoryError(f"cannot write the ONNX file to {path!r}: it is a directory; pass a file path")
+        raise IsADirectoryError(f"cannot write the ONNX file {path!r}: it is a directory; pass a file path")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(
+            f"cannot write the ONNX file {path!r}: {directory!r} is a file, not a directory; pass a path in a directory"
+        )
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"cannot write the ONNX file {path!r}: directory {directory!r} does not exist; create it first"

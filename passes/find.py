@@ -181,6 +181,12 @@ def normalize_inputs(example_inputs: Tensor | Sequence) -> tuple:
     raise TypeError(f"example_inputs must be a Tensor or a tuple of inputs, got {type(example_inputs).__name__}")
 
 
+def describe_inputs(inputs: tuple) -> str:
+    """``(2, 3, 64, 64) float32, int`` for error messages: each input's shape and dtype (or type)."""
+    return ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" if isinstance(x, Tensor)
+                     else type(x).__name__ for x in inputs)
+
+
 # --- the example forward -------------------------------------------------------------------
 
 @dataclass
@@ -233,8 +239,7 @@ def _run_example(model: nn.Module, units: list[TracedUnit], inputs: tuple) -> _R
         with torch.enable_grad():
             model(*run_inputs)
     except Exception as e:
-        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__ for x in inputs)
-        raise ValueError(f"{type(model).__name__} failed on the example inputs ({shapes}): {e}. "
+        raise ValueError(f"{type(model).__name__} failed on the example inputs ({describe_inputs(inputs)}): {e}. "
                          "Pass inputs of the shape and dtype the model expects.") from e
     finally:
         for h in handles:

@@ -43,7 +43,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from fxfusion.passes.find import leaves, normalize_inputs
+from fxfusion.passes.find import describe_inputs, leaves, normalize_inputs
 from fxfusion.passes.trace import trace_units
 from fxfusion.quant import QUANTIZERS, check_bits, make_quantizer
 from fxfusion.quant.layers import QUANT_LAYERS, is_quantized, to_quantized
@@ -116,9 +116,9 @@ def quantize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
     factory = _factory(method)
-    w_bits, a_bits = check_bits(w_bits), check_bits(a_bits)
+    w_bits, a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
     if first_last_bits is not None:
-        first_last_bits = check_bits(first_last_bits)
+        first_last_bits = check_bits(first_last_bits, "first_last_bits")
     pattern = _compile_skip(skip)
     skip_types = tuple(skip_types)
     already = [n for n, m in model.named_modules() if is_quantized(m)]
@@ -250,8 +250,8 @@ def _observe(model: nn.Module, inputs: tuple) -> _Facts:
         with torch.enable_grad():
             outputs = model(*run_inputs)
     except Exception as e:
-        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__ for x in inputs)
-        raise ValueError(f"{type(model).__name__} failed on the example inputs ({shapes}): {e}") from e
+        raise ValueError(f"{type(model).__name__} failed on the example inputs ({describe_inputs(inputs)}): {e}. "
+                         "Pass inputs of the shape and dtype the model expects.") from e
     finally:
         for h in handles:
             h.remove()

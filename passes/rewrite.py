@@ -134,8 +134,14 @@ def rewrite(
                                 f"{type(e).__name__}: {e}") for s in owner_sites]
 
     if not placed:
+        why = [f"{len(refused)} refused, see the report"] if refused else []
+        if found.untraceable:  # e.g. data-dependent control flow: the cats/adds in there were never seen
+            names = "; ".join(f"{u.path} ({u.cls}): {u.reason}" for u in found.untraceable[:3])
+            why.append(f"not examined, torch.fx could not trace {names}"
+                       f"{' ...' if len(found.untraceable) > 3 else ''}; make that forward traceable, or pass "
+                       "concrete_args= or leaf_types=")
         warnings.warn(f"rewrite: no fusion site was rewritten in {type(model).__name__}; returned unchanged"
-                      + (f" ({len(refused)} refused, see the report)" if refused else ""), stacklevel=2)
+                      + (f" ({'; '.join(why)})" if why else ""), stacklevel=2)
     reports = model.__dict__.setdefault("fxfusion_reports", {})
     reports["rewrite"] = RewriteReport(placed, refused + list(found.refused), found)
     return model

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import inspect
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from fxfusion.balance import AlphaBalancer
 from fxfusion.gabfusion import GABFusion
+
+from ddp_util import gloo_group, spawn  # tests/ddp_util.py
 
 
 class Toy(nn.Module):
@@ -130,20 +130,13 @@ def test_tau_and_errors():
 # --- data parallel --------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _no_forward_buffer_sync() -> dict[str, bool]:
     params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         torch.manual_seed(0)  # same initial model on every rank
         model = Toy(norm="layernorm", tied=False)
         # No buffer sync at forward: rank 0's λ is NOT copied over, so a rank that updated
@@ -168,13 +161,11 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.all_gather(lams, lam)
         if rank == 0:
             torch.save({"lams": lams, "local_differs": local_differs, "history": bal.history["fuse"]}, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_ranks_apply_identical_updates(tmp_path):
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    spawn(_ddp_worker, 2, out)
     res = torch.load(out)
     assert all(res["local_differs"])  # the ranks saw different energies...
     assert torch.equal(res["lams"][0], res["lams"][1])  # ...yet λ (hence α) is bit-identical

@@ -1,4 +1,5 @@
-"""Checkpoints: QAT resumes bit-identically in a fresh process; float checkpoints load."""
+"""Checkpoints: QAT resumes bit-identically in a fresh process; float checkpoints load; a deployed model
+round-trips through torch.save/torch.load into a fresh process and re-exports the same ONNX bytes."""
 
 from __future__ import annotations
 
@@ -80,3 +81,52 @@ def test_float_checkpoint_loads_into_rewritten_and_quantized_models(zoo_model):
     assert not result.unexpected_keys and all("gabfusion" in k for k in result.missing_keys)
     for k, v in state.items():
         assert torch.equal(rewritten.state_dict()[k], v)
+
+
+_REEXPORT = textwrap.dedent('''
+    import sys, warnings
+    import torch
+    import fxfusion
+    from fxfusion.passes.export import flatten_outputs
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    ckpt = torch.load(sys.argv[1], weights_only=False)
+    model = ckpt["model"].eval()
+    with torch.no_grad():
+        outputs = flatten_outputs(model(ckpt["x"]))
+    same = all(torch.equal(a, b) for a, b in zip(outputs, ckpt["outputs"], strict=True))
+    fxfusion.export_onnx(model, ckpt["x"], sys.argv[2])
+    print(same)
+''')
+
+
+def test_deployed_model_round_trips_and_reexports_the_same_onnx_bytes(zoo_model, tmp_path):
+    import warnings
+
+    import fxfusion
+    from fxfusion.passes.export import flatten_outputs
+
+    model, (x,) = zoo_model("yolov5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = fxfusion.quantize(fxfusion.rewrite(model, x), x, method="lsq", w_bits=4, a_bits=4).train()
+        opt = torch.optim.SGD(qat.parameters(), lr=1e-2, momentum=0.9)
+        for _ in range(2):
+            loss = sum(o.pow(2).mean() for o in qat(x))  # Detect's 3 raw maps in train mode
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        deployed = fxfusion.deploy(qat, [(x,)], progress=False).eval()
+        fxfusion.export_onnx(deployed, x, tmp_path / "saved.onnx")
+    with torch.no_grad():
+        outputs = flatten_outputs(deployed(x))  # eval-mode Detect: (boxes, [raw maps])
+    torch.save({"model": deployed, "x": x, "outputs": outputs}, tmp_path / "deployed.pt")
+
+    script = tmp_path / "reexport.py"
+    script.write_text(_REEXPORT)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "deployed.pt"), str(tmp_path / "loaded.onnx")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stdout.split() == ["True"]  # the loaded model computes the same outputs
+    assert (tmp_path / "loaded.onnx").read_bytes() == (tmp_path / "saved.onnx").read_bytes()

@@ -91,11 +91,3 @@ def test_every_quantizer_and_bit_width_exports_on_resnet(zoo_model, method, bits
     assert "LayerNormalization" not in report.op_histogram
     verify = fxfusion.verify_onnx(deployed, path, example_inputs("resnet", seed=7))
     assert verify.passed, str(verify)
-
-
-def test_exporting_a_model_that_was_not_deployed_is_refused(zoo_model, tmp_path):
-    model, x = zoo_model("unet")
-    qat = _qat(model, x, rewrite=True, steps=1)
-    with pytest.raises(ValueError, match="deploy"):
-        fxfusion.export_onnx(qat, x, str(tmp_path / "no.onnx"))
-    assert not (tmp_path / "no.onnx").exists()

@@ -422,52 +422,6 @@ def test_explicit_site_kept_by_deploy_is_exported(tmp_path) -> None:
     assert verify.passed and verify.exact and verify.max_abs_error < 1e-5, str(verify)
 
 
-def test_failed_export_leaves_no_file(tmp_path, monkeypatch) -> None:
-    import onnxruntime
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("simulated onnxruntime failure")
-
-    monkeypatch.setattr(onnxruntime, "InferenceSession", broken)
-    with pytest.raises(OnnxExportError, match="simulated onnxruntime failure"):
-        export_onnx(conv_net("lsq", 4), torch.randn(2, 3, 12, 12), tmp_path / "net.onnx")
-    assert os.listdir(tmp_path) == []
-
-
-def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch) -> None:
-    path = tmp_path / "net.onnx"
-    path.write_bytes(b"previous")
-
-    def broken(src, dst):
-        raise OSError("simulated disk failure")
-
-    monkeypatch.setattr(os, "replace", broken)
-    with pytest.raises(OSError, match="simulated disk failure"):
-        export_onnx(conv_net("lsq", 4), torch.randn(2, 3, 12, 12), path)
-    assert os.listdir(tmp_path) == ["net.onnx"] and path.read_bytes() == b"previous"
-
-
-def test_unwritable_path_is_named_before_any_work(tmp_path, monkeypatch) -> None:
-    import fxfusion.passes.export as export
-
-    monkeypatch.setattr(export, "_check_deployed", lambda m: pytest.fail("work started before the path check"))
-    missing = tmp_path / "no" / "such" / "dir" / "net.onnx"
-    with pytest.raises(FileNotFoundError, match="no/such/dir"):
-        export_onnx(ConvNet(), torch.randn(1, 3, 8, 8), missing)
-    with pytest.raises(IsADirectoryError, match=str(tmp_path)):
-        export_onnx(ConvNet(), torch.randn(1, 3, 8, 8), tmp_path)
-
-
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only directories")
-def test_read_only_directory(tmp_path) -> None:
-    tmp_path.chmod(0o500)
-    try:
-        with pytest.raises(PermissionError, match="not writable"):
-            export_onnx(ConvNet(), torch.randn(1, 3, 8, 8), tmp_path / "net.onnx")
-    finally:
-        tmp_path.chmod(0o700)
-
-
 def test_low_bits_need_opset_21_and_eight_bits_do_not(tmp_path) -> None:
     with pytest.raises(ValueError, match="opset >= 21"):
         export_onnx(conv_net("lsq", 4), torch.randn(2, 3, 12, 12), tmp_path / "a.onnx", opset=17)

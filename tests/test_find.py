@@ -146,8 +146,6 @@ def test_bad_inputs_have_clear_errors(zoo_model):
     model, x = zoo_model("resnet")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         fxfusion.find_fusions("resnet", x)
-    with pytest.raises(ValueError, match=r"failed on the example inputs \(\(2, 5, 64, 64\)\)"):
-        fxfusion.find_fusions(model, torch.randn(2, 5, 64, 64))
     with pytest.raises(ValueError, match="unknown op.*'mul'"):
         fxfusion.find_fusions(model, x, ops=["cat", "mul"])
     with pytest.raises(ValueError, match="not a valid regular expression"):

@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import fxfusion
 from fxfusion.gabfusion import GABFusion
@@ -100,13 +99,6 @@ def test_inplace_edits_the_given_model(zoo_model):
     model, x = zoo_model("unet")
     q = fxfusion.rewrite(model, x, inplace=True)
     assert q is model and len(gabfusion_modules(model)) == 3
-
-
-def test_model_without_sites_comes_back_unchanged_with_a_warning():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
-    with pytest.warns(UserWarning, match="no fusion site"):
-        q = fxfusion.rewrite(model, torch.randn(1, 3, 8, 8))
-    assert [type(m) for m in q.modules()] == [type(m) for m in model.modules()]
 
 
 def test_filtered_sites_are_the_only_ones_rewritten(zoo_model):

@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "MAX_BITS",
@@ -63,11 +65,12 @@ _MIN_SCALE = 1e-8
 # --------------------------------------------------------------------------- validation, ranges
 
 
-def check_bits(bits: object) -> int:
+def check_bits(bits: object, name: str = "bits") -> int:
     """Validate a bit width and return it.
 
     Args:
         bits: the requested bit width.
+        name: the argument's name in the messages (e.g. ``"w_bits"``).
 
     Returns:
         ``bits`` unchanged, once it is known to be an ``int`` in ``2..8``.
@@ -82,13 +85,13 @@ def check_bits(bits: object) -> int:
     """
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise TypeError(
-            f"bits must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r} "
-            f"({type(bits).__name__}); pass e.g. bits=4"
+            f"{name} must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r} "
+            f"({type(bits).__name__}); pass e.g. {name}=4"
         )
     if not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(
-            f"bits={bits} is out of range: fxfusion quantizers accept {MIN_BITS}..{MAX_BITS} bits; "
-            f"pass an integer in that range, e.g. bits=4 (1-bit and >8-bit grids are not supported)"
+            f"{name}={bits} is out of range: fxfusion quantizers accept {MIN_BITS}..{MAX_BITS} bits; "
+            f"pass an integer in that range, e.g. {name}=4 (1-bit and >8-bit grids are not supported)"
         )
     return bits
 
@@ -283,7 +286,10 @@ class Quantizer(nn.Module):
     ``initialized`` is a bool tensor buffer, so it is saved and restored by ``state_dict``. The
     first ``forward`` while it is False initializes the learned parameters from that batch; this is
     normally the first training step (an eval-mode forward of a never-initialized quantizer also
-    initializes it, once, rather than quantizing with placeholder values).
+    initializes it, once, rather than quantizing with placeholder values). When that first forward
+    runs inside a ``DistributedDataParallel`` forward, every rank then takes rank 0's initialized
+    parameters and buffers (one broadcast per quantizer, once): each rank saw different data, and
+    DDP syncs only buffers after construction, so the learned ranges would otherwise differ.
 
     Args:
         bits: bit width, 2..8.
@@ -371,6 +377,7 @@ class Quantizer(nn.Module):
             with torch.no_grad():
                 self._initialize(x.detach())
                 self.initialized.fill_(True)
+                _broadcast_if_under_ddp(self)
         # Float32 parameters must not promote a half-precision activation.
         return self._quantize(x).to(x.dtype)
 
@@ -465,6 +472,26 @@ class Quantizer(nn.Module):
         if not self.enabled:
             text += ", enabled=False"
         return text
+
+
+# --------------------------------------------------------------------------- data parallel
+
+
+def _broadcast_if_under_ddp(module: nn.Module) -> None:
+    """Inside a DDP forward, overwrite ``module``'s parameters and buffers with rank 0's.
+
+    Only inside a DDP forward do all ranks run this init together, so the collective cannot
+    hang; a forward on one rank alone (deploy's calibration, a rank-0 evaluation) never syncs.
+    ``_get_active_ddp_module`` is DDP's own marker of that (torch >= 2.0; it serves TorchDynamo).
+    """
+    get_active = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
+    ddp = get_active() if get_active is not None else None
+    if ddp is None or not dist.is_initialized():
+        return
+    group = ddp.process_group
+    src = dist.get_global_rank(group, 0)
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.detach(), src, group=group)
 
 
 # --------------------------------------------------------------------------- tensor helpers
