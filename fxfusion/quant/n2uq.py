@@ -23,7 +23,9 @@ the piecewise-linear function that the stochastic version of this quantizer has 
 
 so, inside interval ``j``: ``dy/dx = s / a_j``; ``dy/dstart = -s / a_j``;
 ``dy/da_i = -s / a_j`` for ``i < j``, ``-s (x - T_j) / a_j^2`` for ``i = j``, 0 for ``i > j``;
-outside ``[T_0, T_n]`` these are 0. ``dy/ds = code(x)`` (the forward level).
+outside ``[T_0, T_n]`` these are 0. ``dy/ds = code(x)`` (the forward level). The gradients of
+``start``, ``a`` and ``s`` are then multiplied by LSQ's ``g = 1 / sqrt(N * qmax)`` (N: elements
+per tensor): they sum over all N elements, and unscaled one SGD step can collapse ``s``.
 
 Output levels: unsigned activations use codes ``0..2^b-1`` (levels ``0..(2^b-1) s``); signed
 activations use ``-2^(b-1)..2^(b-1)-1``. Zero point is 0 in both cases.
@@ -44,10 +46,12 @@ authors' code), and ``dy/dw = 1`` for every weight (their straight-through estim
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
-from fxfusion.quant.base import _MIN_SCALE, QParams, Quantizer, fake_quantize
+from fxfusion.quant.base import _MIN_SCALE, QParams, Quantizer, fake_quantize, grad_scale
 
 __all__ = ["N2UQQuantizer"]
 
@@ -134,8 +138,11 @@ class N2UQQuantizer(Quantizer):
             value = fake_quantize(x.detach(), self.step, zero_point, self.qmin, self.qmax, self.axis)
             return value + (x - x.detach())  # exactly the grid value in forward, gradient 1
 
-        widths = self.widths.clamp(min=_MIN_WIDTH)
-        bounds = self.start + torch.cat([widths.new_zeros(1), torch.cumsum(widths, 0)])
+        # LSQ's gradient scale g = 1/sqrt(N·Qp) on every learned parameter: their gradients sum over
+        # the whole tensor, and unscaled a single SGD step can drive the step to zero.
+        g = 1.0 / math.sqrt(self._numel_per_scale(x) * max(self.qmax, 1))
+        widths = grad_scale(self.widths, g).clamp(min=_MIN_WIDTH)
+        bounds = grad_scale(self.start, g) + torch.cat([widths.new_zeros(1), torch.cumsum(widths, 0)])
         thresholds = bounds[:-1] + widths / 2
         n = widths.numel()
 
@@ -146,7 +153,7 @@ class N2UQQuantizer(Quantizer):
         jc = j.clamp(0, n - 1)
         inside = jc + (x - bounds[jc]) / widths[jc]
         ramp = torch.where(j < 0, torch.zeros_like(inside), torch.where(j >= n, torch.full_like(inside, n), inside))
-        return self._step() * (code + (ramp - ramp.detach()))
+        return grad_scale(self._step(), g) * (code + (ramp - ramp.detach()))
 
     def _step(self) -> Tensor:
         return self.step.clamp(min=_MIN_SCALE)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -48,10 +50,11 @@ def test_generalized_ste_gradients_by_hand(primed, x, dx, dstart, da0, da1, da2,
     q = primed(N2UQQuantizer(2, signed=False), **HAND)
     xt = torch.tensor([x], requires_grad=True)
     q(xt).sum().backward()
+    g = 1 / math.sqrt(1 * 3)  # LSQ's gradient scale 1/sqrt(N * qmax) on the learned parameters
     torch.testing.assert_close(xt.grad, torch.tensor([dx]))
-    torch.testing.assert_close(q.start.grad, torch.tensor(dstart))
-    torch.testing.assert_close(q.widths.grad, torch.tensor([da0, da1, da2]))
-    torch.testing.assert_close(q.step.grad, torch.tensor(dstep))
+    torch.testing.assert_close(q.start.grad, torch.tensor(dstart * g))
+    torch.testing.assert_close(q.widths.grad, torch.tensor([da0, da1, da2]) * g)
+    torch.testing.assert_close(q.step.grad, torch.tensor(dstep * g))
 
 
 def test_backward_is_the_derivative_of_the_piecewise_linear_surrogate(primed) -> None:
@@ -75,8 +78,9 @@ def test_backward_is_the_derivative_of_the_piecewise_linear_surrogate(primed) ->
     x_ = x.clone().requires_grad_()
     jac_module = torch.autograd.functional.jacobian(lambda *a: module(*a, params[2]), (x_, *params[:2]))
     jac_ramp = torch.autograd.functional.jacobian(lambda *a: surrogate(*a, params[2]), (x_, *params[:2]))
-    for got, want in zip(jac_module, jac_ramp, strict=True):
-        torch.testing.assert_close(got, want)
+    g = 1 / math.sqrt(x.numel() * 3)  # the parameters' gradient scale 1/sqrt(N * qmax); x itself is unscaled
+    for got, want, scale in zip(jac_module, jac_ramp, (1.0, g, g), strict=True):
+        torch.testing.assert_close(got, want * scale)
     # And the surrogate itself is checked against finite differences.
     off_bounds = (x + 1e-3).requires_grad_()
     assert torch.autograd.gradcheck(lambda *a: surrogate(*a, params[2]), (off_bounds, *params[:2]))
