@@ -370,6 +370,8 @@ def _walk_back(fn, g: _Graph, positive: bool):
     Returns ``(path, layer, shift_ok)`` or the reason it cannot."""
     shift_ok = True
     while True:
+        if fn is None:
+            return "the branch has no autograd history (a model input or a constant, not a layer's output)"
         if g.uses.get(fn, 0) != 1:
             return f"{_op(fn)} output has {g.uses.get(fn, 0)} users"
         if fn in g.out_of:
