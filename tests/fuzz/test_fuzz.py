@@ -39,6 +39,7 @@ from hypothesis import HealthCheck, event, given, settings
 from torch import nn
 
 import fxfusion
+from fxfusion.passes.verify import MAX_MISMATCH_FRACTION
 
 from .generator import (
     KNOWN_ISSUES,
@@ -348,12 +349,6 @@ class _TwoFeatureLayerNorms(nn.Module):
 
 
 @pytest.mark.parametrize("method", ["pact", "minmax"])
-@pytest.mark.xfail(strict=True, reason=(
-    "verify_onnx fails an export whose quantizers are all exact (report.exact): the fc input is +-0.9999951 "
-    "everywhere, and a data-initialized 8-bit clip [-0.9999951, 0.9999951] puts every element on a rounding "
-    "tie (x / s = 127.5); onnxruntime's LayerNorm differs by an ulp and 31-50% of the outputs mismatch. "
-    "'passed' cannot tell tie flips from an export error (the fuzzer also met 0.5% tie flips after an "
-    "89-feature LayerNorm, above the 0.1% limit)"))
 def test_verify_passes_an_export_whose_quantizers_are_exact(tmp_path, method):
     torch.manual_seed(0)
     model, t = _TwoFeatureLayerNorms().eval(), torch.randn(2, 16, 2)
@@ -364,6 +359,11 @@ def test_verify_passes_an_export_whose_quantizers_are_exact(tmp_path, method):
         q(t)
         q.eval()
         fxfusion.export_onnx(q, t, tmp_path / "ties.onnx")
+    # found by fuzzing (fixed): the fc input is +-0.9999951 everywhere, and a data-initialized 8-bit clip
+    # [-0.9999951, 0.9999951] puts every element on a rounding tie (x / s = 127.5); onnxruntime's LayerNorm
+    # differs by an ulp and 31-50% of the outputs mismatch. With the codes held equal every float segment
+    # agrees, so verify passes it as rounding-tie flips only.
     report = fxfusion.verify_onnx(q, tmp_path / "ties.onnx", t)
-    assert report.exact
-    assert report.passed, report
+    assert report.exact and report.tie_flips_only
+    assert report.max_mismatch_fraction > MAX_MISMATCH_FRACTION  # the case is still a hard one
+    assert report.passed and "rounding-tie flips only" in str(report), report
