@@ -786,7 +786,6 @@ def describe(spec: NetSpec) -> str:
 # Failure kinds that are known, narrow and pinned by a strict xfail regression test in test_fuzz.py.
 # The fuzz tests count them instead of failing; every other kind fails the test.
 KNOWN_ISSUES = {
-    "onnx_parity:float_noise": "test_verify_tolerates_float_noise_on_near_constant_outputs",
     "fold_not_exact:ill_conditioned": "test_fit_freeze_of_a_near_constant_channel_folds_exactly",
 }
 ILL_CONDITIONED = 100.0  # a frozen affine coefficient |A| or |B| above this: the fold's float32 rounding grows
