@@ -42,6 +42,9 @@ __all__ = [
     "environment",
     "fit_loglog_slope",
     "markdown_table",
+    "mean_std",
+    "pyplot",
+    "save_figure",
     "print_table",
     "run_rounds",
     "write_results",
@@ -183,6 +186,37 @@ def write_results(out_dir: str | Path, stem: str, payload: Any, markdown: str) -
     write_atomic(json_path, text + "\n")
     write_atomic(md_path, markdown.rstrip() + "\n")
     return [json_path, md_path]
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """``"0.750 ± 0.030"`` (mean ± sample std) for several values, the value alone for one, "" for none."""
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None without matplotlib (plots are optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Write ``fig`` to ``path`` through a temporary file (an interrupted run leaves no half PNG), then close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def _git_revision() -> str | None:

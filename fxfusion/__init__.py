@@ -18,6 +18,7 @@ from fxfusion.passes.quantize import quantize
 from fxfusion.passes.rewrite import rewrite
 from fxfusion.passes.verify import verify_onnx
 from fxfusion.profile import profile_gradients
+from fxfusion.schedule import NormSchedule
 
 __all__ = [
     "ADALoss",
@@ -25,6 +26,7 @@ __all__ = [
     "FusionReport",
     "FusionSite",
     "GABFusion",
+    "NormSchedule",
     "deploy",
     "export_onnx",
     "find_fusions",

@@ -11,7 +11,19 @@ inserts ``LN(fuse(α_1·x_1, ..., α_K·x_K))`` (arXiv 2511.05898):
   which this module records in backward.
 - ``LN`` normalizes across the feature axis at each position, per sample, without
   affine parameters unless ``affine=True`` (the paper's equations have none).
+  ``norm="samplenorm"`` normalizes each sample over all its non-batch axes instead, and
   ``norm="none"`` keeps only α.
+
+The paper's form changes what a trained model computes (on the demo's FP32 detector mAP@0.5 fell
+from 0.83 to 0.54 before QAT). With ``preserve=True`` the site instead computes
+
+    out = γ ⊙ [ (1 − mix)·(h − m)⊙r  +  mix·LN(h) ] + β,        h = fuse(α_1·x_1, ..., α_K·x_K)
+
+with fixed per-channel reference statistics ``m``, ``r`` and a gate ``mix`` (a buffer, 0 at
+first). At ``mix = 0`` the bracket is a per-channel affine of ``h`` and γ, β are set so that the
+site returns exactly ``fuse(x_1, ..., x_K)``: the rewritten model computes what the original
+computed. :class:`fxfusion.NormSchedule` then raises ``mix`` during QAT (and may lower it back to 0
+before deployment, so that :func:`fxfusion.deploy` has nothing left to approximate).
 """
 
 from __future__ import annotations
@@ -21,10 +33,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GABFusion", "ALPHA_MODES", "NORMS"]
+__all__ = ["GABFusion", "ALPHA_MODES", "NORMS", "gate_value", "set_gate"]
 
 ALPHA_MODES = ("learned", "balanced", "fixed")
-NORMS = ("layernorm", "none")  # deploy adds "frozen": the per-channel affine A⊙h + B
+NORMS = ("layernorm", "samplenorm", "none")  # deploy adds "frozen": the per-channel affine A⊙h + B
 
 
 class GABFusion(nn.Module):
@@ -39,8 +51,15 @@ class GABFusion(nn.Module):
             ``"balanced"`` (v2, α = softmax(λ), λ updated by :class:`fxfusion.AlphaBalancer`)
             or ``"fixed"`` (a buffer, e.g. 1.0 to reproduce the original model).
         alpha_init: initial α for ``"learned"`` and ``"fixed"``.
-        norm: ``"layernorm"`` or ``"none"``.
+        norm: ``"layernorm"`` (per position, across ``dim``), ``"samplenorm"`` (per sample, over
+            every non-batch axis) or ``"none"``.
         affine: learn a per-channel γ, β after the normalization.
+        preserve: the function-preserving form (module docstring): γ, β, the reference
+            statistics and the ``mix`` gate, set up so that the output equals
+            ``fuse(x_1, ..., x_K)`` until ``mix`` is raised. Needs ``channels`` (and for a cat
+            ``branch_channels``, each branch's width); for an add, all branches start with the
+            same α. :meth:`calibrate` refines the reference
+            statistics on data (the output stays exact).
         eps: the LayerNorm epsilon.
         add_tree: for an add of K > 2 branches, the original nesting as nested pairs of branch
             indices, e.g. ``(0, (1, 2))`` for ``a + (b + c)`` (default: left to right).
@@ -64,6 +83,8 @@ class GABFusion(nn.Module):
         affine: bool = False,
         eps: float = 1e-5,
         add_tree: tuple | None = None,
+        preserve: bool = False,
+        branch_channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if op not in ("cat", "add"):
@@ -76,8 +97,14 @@ class GABFusion(nn.Module):
             raise ValueError(f"a fusion joins at least 2 branches, got num_branches={num_branches}")
         if alpha_init <= 0:
             raise ValueError(f"alpha_init must be positive (keeps folds exact), got {alpha_init}")
-        if affine and channels is None:
-            raise ValueError("affine=True needs the fused channel count: pass channels=")
+        if (affine or preserve) and channels is None:
+            flag = "preserve" if preserve else "affine"
+            raise ValueError(f"{flag}=True needs the fused channel count: pass channels=")
+        if preserve and op == "cat" and (branch_channels is None or len(branch_channels) != num_branches
+                                         or sum(branch_channels) != channels):
+            raise ValueError(f"preserve=True on a cat needs branch_channels: {num_branches} widths summing to "
+                             f"channels={channels}, got {branch_channels}")
+        affine = affine or preserve
         self.op, self.num_branches, self.dim, self.channels = op, num_branches, dim, channels
         self.alpha_mode, self.norm, self.eps = alpha, norm, eps
         self.add_tree = add_tree
@@ -95,6 +122,13 @@ class GABFusion(nn.Module):
             self.bias = nn.Parameter(torch.zeros(channels))
         else:
             self.weight = self.bias = None
+        self.preserve = preserve
+        if preserve:
+            self.register_buffer("mix", torch.zeros(()))
+            self.register_buffer("ref_shift", torch.zeros(channels))
+            self.register_buffer("ref_scale", torch.ones(channels))
+            self.branch_channels = tuple(branch_channels) if op == "cat" else None
+            self._reset_identity()
         # Filled in backward (balanced mode): sum over the step of ||∂L/∂x_i||², per branch. Rank-local,
         # so not a buffer: DistributedDataParallel broadcasts rank 0's buffers before every forward,
         # which would overwrite the energy accumulated over earlier micro-batches (moved by _apply).
@@ -125,13 +159,20 @@ class GABFusion(nn.Module):
     def normalize(self, h: Tensor) -> Tensor:
         """Per-sample, per-position LayerNorm across ``self.dim`` (identity for norm='none';
         the frozen per-channel affine ``A⊙h + B`` once :meth:`freeze` ran)."""
-        if self.norm == "none":
+        if self.norm == "none" and self.weight is None:
             return h
         if self.norm == "frozen":
             return h * self._along_dim(self.frozen_scale, h.dim()) + self._along_dim(self.frozen_shift, h.dim())
-        mu = h.mean(self.dim, keepdim=True)
-        var = h.var(self.dim, unbiased=False, keepdim=True)
-        out = (h - mu) * torch.rsqrt(var + self.eps)
+        if self.norm == "none":
+            out = h
+        else:
+            axes = self.dim if self.norm == "layernorm" else tuple(range(1, h.dim()))
+            mu = h.mean(axes, keepdim=True)
+            var = h.var(axes, unbiased=False, keepdim=True)
+            out = (h - mu) * torch.rsqrt(var + self.eps)
+        if getattr(self, "preserve", False) and self.norm != "none":
+            ref = (h - self._along_dim(self.ref_shift, h.dim())) * self._along_dim(self.ref_scale, h.dim())
+            out = ref + self.mix * (out - ref)
         if self.weight is not None:
             shape = [1] * h.dim()
             shape[self.dim] = -1
@@ -142,6 +183,8 @@ class GABFusion(nn.Module):
         """Replace the LayerNorm by the fixed per-channel affine ``scale⊙h + shift`` (deploy)."""
         self.register_buffer("frozen_scale", scale.detach().clone().float())
         self.register_buffer("frozen_shift", shift.detach().clone().float())
+        if self.norm != "frozen":
+            self.train_norm = self.norm
         self.norm = "frozen"
 
     def frozen_affine(self) -> tuple[Tensor, Tensor]:
@@ -150,7 +193,8 @@ class GABFusion(nn.Module):
 
     def make_plain(self) -> None:
         """Become the bare fusion op (α = 1, no normalization): used once α and the affine are folded."""
-        names = ["log_alpha", "dual_logits", "energy_ema", "frozen_scale", "frozen_shift",
+        names = ["log_alpha", "dual_logits", "energy_ema", "frozen_scale", "frozen_shift", "mix", "ref_shift",
+                 "ref_scale",
                  *(f"pre_scale{i}" for i in range(self.num_branches))]
         for name in names:
             if hasattr(self, name):
@@ -158,6 +202,7 @@ class GABFusion(nn.Module):
         self.register_buffer("fixed_alpha", torch.ones(self.num_branches))
         self.alpha_mode, self.norm = "fixed", "none"
         self.weight = self.bias = None
+        self.preserve = False
 
     def set_explicit(self, scales: list[Tensor] | None, shift: Tensor | None) -> None:
         """Stay as an explicit deployed op: ``fuse(s_i ⊙ x_i) + shift`` (None: keep α and the frozen affine)."""
@@ -169,6 +214,35 @@ class GABFusion(nn.Module):
         self.register_buffer("frozen_scale", torch.ones_like(shift).float())
         self.register_buffer("frozen_shift", shift.detach().clone().float())
         self.norm = "frozen"
+
+    @torch.no_grad()
+    def calibrate(self, mean: Tensor, std: Tensor) -> None:
+        """Set the reference statistics to the per-channel ``mean``/``std`` of ``h`` (preserve form).
+
+        γ and β are re-derived so that the output at ``mix = 0`` stays exactly ``fuse(x_1..x_K)``;
+        the statistics only decide how closely ``γ⊙LN(h) + β`` matches that output (moment
+        matching: each channel keeps its mean and spread) once ``mix`` rises.
+        """
+        if not getattr(self, "preserve", False):
+            raise RuntimeError("calibrate() is for GABFusion(preserve=True) sites")
+        self.ref_shift.copy_(mean.to(self.ref_shift))
+        self.ref_scale.copy_(1.0 / std.to(self.ref_scale).clamp_min(self.eps ** 0.5))
+        self._reset_identity()
+
+    @torch.no_grad()
+    def _reset_identity(self) -> None:
+        """γ, β such that ``γ⊙(h − m)⊙r + β = h / α_c`` per channel (the output equals the original)."""
+        a_c = self._alpha_per_channel()
+        self.weight.copy_(1.0 / (a_c * self.ref_scale) if self.norm != "none" else 1.0 / a_c)
+        self.bias.copy_(self.ref_shift / a_c if self.norm != "none" else torch.zeros_like(a_c))
+
+    def _alpha_per_channel(self) -> Tensor:
+        a = self.alpha().detach()
+        if self.op == "add":
+            if not torch.allclose(a, a[0].expand_as(a)):
+                raise ValueError(f"a function-preserving add site needs equal initial α, got {a.tolist()}")
+            return a[0].expand(self.channels).clone()
+        return torch.cat([a[i].expand(n) for i, n in enumerate(self.branch_channels)])
 
     def _along_dim(self, v: Tensor, ndim: int) -> Tensor:
         shape = [1] * ndim
@@ -191,8 +265,9 @@ class GABFusion(nn.Module):
 
     def extra_repr(self) -> str:
         a = ", ".join(f"{v:.3g}" for v in self.alpha().detach().tolist())
+        gate = f", mix={float(self.mix):.3g}" if getattr(self, "preserve", False) else ""
         return (f"op={self.op}, branches={self.num_branches}, dim={self.dim}, alpha={self.alpha_mode}[{a}], "
-                f"norm={self.norm}, affine={self.weight is not None}")
+                f"norm={self.norm}, affine={self.weight is not None}{gate}")
 
 
 def _sum(xs: list[Tensor], tree: tuple | None = None) -> Tensor:
@@ -208,3 +283,20 @@ def _sum_tree(xs: list[Tensor], tree: tuple | int) -> Tensor:
     if isinstance(tree, int):
         return xs[tree]
     return _sum_tree(xs, tree[0]) + _sum_tree(xs, tree[1])
+
+
+def gate_value(model: nn.Module) -> float | None:
+    """The ``mix`` gate shared by the function-preserving sites of ``model`` (None: there are none)."""
+    values = {float(m.mix) for m in model.modules() if isinstance(m, GABFusion) and getattr(m, "preserve", False)}
+    return values.pop() if len(values) == 1 else (max(values) if values else None)
+
+
+@torch.no_grad()
+def set_gate(model: nn.Module, value: float) -> int:
+    """Set ``mix`` of every function-preserving GABFusion site in ``model``; returns how many."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"the normalization gate must be in [0, 1], got {value}")
+    sites = [m for m in model.modules() if isinstance(m, GABFusion) and getattr(m, "preserve", False)]
+    for m in sites:
+        m.mix.fill_(value)
+    return len(sites)

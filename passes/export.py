@@ -309,7 +309,7 @@ def _check_deployed(model: nn.Module) -> list[str]:
     deployed = "deploy" in getattr(model, "fxfusion_reports", {})
     # deploy freezes every LayerNorm; a site it could not fold stays as an explicit per-channel op
     # (norm "frozen" or "none"), which exports as plain elementwise ops.
-    training = [name for name, m in sites if m.norm == "layernorm" or not deployed]
+    training = [name for name, m in sites if m.norm in ("layernorm", "samplenorm") or not deployed]
     if training:
         raise ValueError(
             f"the model is not deployed: it still contains {len(training)} GABFusion training site(s) "

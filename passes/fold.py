@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from fxfusion.gabfusion import GABFusion
+from fxfusion.passes.calibrate import calibration_batches
 from fxfusion.passes.find import leaves
 from fxfusion.passes.quantize import _fold_batchnorms
 from fxfusion.passes.rewrite import gabfusion_modules, restore_forward
@@ -162,24 +163,6 @@ def deploy(
     return model
 
 
-def calibration_batches(calib_data: Iterable, max_batches: int | None = None) -> list[tuple]:
-    """Materialize calibration inputs as a list of input tuples; refuse empty or non-finite data."""
-    batches = []
-    for i, batch in enumerate(calib_data):
-        if max_batches is not None and i >= max_batches:
-            break
-        inputs = (batch[0],) if isinstance(batch, (list, tuple)) else (batch,)
-        for x in inputs:
-            if not isinstance(x, Tensor):
-                raise TypeError(f"calibration batch {i}: expected a tensor input, got {type(x).__name__}")
-            if x.is_floating_point() and not torch.isfinite(x).all():
-                raise ValueError(f"calibration batch {i} contains NaN or inf values; clean the calibration data")
-        batches.append(inputs)
-    if not batches:
-        raise ValueError("the calibration data is empty: pass a non-empty DataLoader or list of batches")
-    return batches
-
-
 def freeze(model: nn.Module, batches: list[tuple], *, stats: str | dict[str, str] = "fit", inplace: bool = False,
            progress: bool = False) -> dict[str, dict]:
     """Replace every GABFusion LayerNorm by its calibrated per-channel affine.
@@ -190,7 +173,7 @@ def freeze(model: nn.Module, batches: list[tuple], *, stats: str | dict[str, str
     assert inplace, "freeze edits the model in place"
     was_training = model.training
     model.eval()
-    fusions = {p: m for p, m in gabfusion_modules(model).items() if m.norm == "layernorm"}
+    fusions = {p: m for p, m in gabfusion_modules(model).items() if _trains_a_norm(m)}
     acc = {p: _Stats(m) for p, m in fusions.items()}
     handles = [m.register_forward_hook(acc[p].observe) for p, m in fusions.items()]
     try:
@@ -215,6 +198,11 @@ def freeze(model: nn.Module, batches: list[tuple], *, stats: str | dict[str, str
     return {p: {"max": st.dev_max, "mean": st.dev_sum / max(st.dev_n, 1)} for p, st in acc.items()}
 
 
+def _trains_a_norm(m: GABFusion) -> bool:
+    """A site whose output is not yet a fixed per-channel affine that deploy can fold as it is."""
+    return m.norm in ("layernorm", "samplenorm") or (m.norm == "none" and m.weight is not None)
+
+
 class _Stats:
     """Running sums for one site: LN statistics, per-channel fit, and the freeze deviation."""
 
@@ -233,7 +221,7 @@ class _Stats:
                 a[i] * x for i, x in enumerate(xs))
             h = h.movedim(m.dim, -1).reshape(-1, h.shape[m.dim]).double()
             if self.measuring:
-                m.norm = "layernorm"
+                m.norm = m.train_norm
                 y_ln = m.normalize(torch.cat([a[i] * x for i, x in enumerate(xs)], m.dim) if m.op == "cat" else sum(
                     a[i] * x for i, x in enumerate(xs)))
                 m.norm = "frozen"
@@ -255,6 +243,14 @@ class _Stats:
 
     def affine(self, stats: str) -> tuple[Tensor, Tensor]:
         m, c = self.m, self.sh.shape[0]
+        if getattr(m, "preserve", False):
+            if m.norm == "none" or float(m.mix) == 0.0:  # already a per-channel affine: take it as it is
+                g, b = m.weight.detach().double(), m.bias.detach().double()
+                if m.norm == "none":
+                    return g, b
+                r, mu = m.ref_scale.double(), m.ref_shift.double()
+                return g * r, b - g * r * mu
+            stats = "fit"  # its output is no plain LayerNorm
         mu0, var0 = self.mu_sum / self.n, self.var_sum / self.n
         if stats == "fit":
             mean_h, mean_y = self.sh / self.n, self.sy / self.n

@@ -32,12 +32,16 @@ from torch.fx.graph_module import _format_import_block
 from torch.package import sys_importer
 
 from fxfusion.gabfusion import ALPHA_MODES, NORMS, GABFusion
-from fxfusion.passes.find import FusionReport, FusionSite, Refusal, find_fusions, fusion_kind, fusion_ordinals
+from fxfusion.passes.calibrate import calibrate_sites, calibration_batches
+from fxfusion.passes.find import (FusionReport, FusionSite, Refusal, find_fusions, fusion_kind, fusion_ordinals,
+                                  normalize_inputs)
 from fxfusion.passes.trace import shallow_trace
 from fxfusion.quant.layers import is_quantized
 from fxfusion.report import format_table
 
-__all__ = ["RewriteReport", "rewrite", "restore_forward", "gabfusion_modules"]
+__all__ = ["INITS", "RewriteReport", "rewrite", "restore_forward", "gabfusion_modules"]
+
+INITS = ("preserve", "paper")
 
 
 class RewriteReport:
@@ -64,6 +68,8 @@ def rewrite(
     example_inputs: Tensor | Sequence | None = None,
     *,
     sites: FusionReport | Iterable[FusionSite] | None = None,
+    init: str = "preserve",
+    calib_data: Iterable | None = None,
     alpha: str = "learned",
     alpha_init: float = 0.5,
     norm: str = "layernorm",
@@ -79,16 +85,29 @@ def rewrite(
         model: any ``nn.Module``.
         example_inputs: inputs for site discovery (omit when passing ``sites``).
         sites: the sites to rewrite, e.g. a filtered :func:`find_fusions` report.
+        init: ``"preserve"`` (default): every site starts as the function-preserving form of
+            :class:`~fxfusion.GABFusion` (a per-channel γ, β and a normalization gate at 0), so
+            the rewritten model computes what ``model`` computed (to float rounding, about 1e-6
+            relative); raise the gate during QAT with :class:`fxfusion.NormSchedule`.
+            ``"paper"``: the paper's plain ``LN(fuse(α·x))``, which changes the model's outputs
+            (re-estimate BatchNorm statistics before QAT if you use it on a trained model).
+        calib_data: batches (a DataLoader of ``(inputs, targets)`` works) on which
+            ``init="preserve"`` measures each site's per-channel statistics (default: the
+            example inputs). They decide how closely the normalized form matches the original
+            once the gate opens, not the exactness at the start.
         alpha: ``"learned"`` (paper v1), ``"balanced"`` (paper v2, drive it with
             :class:`fxfusion.AlphaBalancer`) or ``"fixed"``.
-        alpha_init: the initial α (0.5 in the paper; 1.0 with ``norm="none"`` keeps outputs).
-        norm: ``"layernorm"`` (default) or ``"none"`` (α only).
+        alpha_init: the initial α (0.5 in the paper).
+        norm: ``"layernorm"`` (default: per position across channels, the paper's axis),
+            ``"samplenorm"`` (per sample over channels and positions) or ``"none"`` (α only).
         affine, eps: the LayerNorm's options.
         inplace: edit ``model`` itself instead of a deep copy.
 
     Returns:
         The rewritten model (same root object when ``inplace``). Its report is in
-        ``model.fxfusion_reports["rewrite"]``.
+        ``model.fxfusion_reports["rewrite"]``; with ``init="preserve"`` it lists, per site, the
+        largest deviation from the original fusion now and the relative L2 deviation the site
+        will show with the gate fully open.
 
     Example:
         >>> qat_model = fxfusion.rewrite(model, torch.randn(1, 3, 256, 256))
@@ -100,6 +119,8 @@ def rewrite(
         raise ValueError(f"alpha={alpha!r} is not one of {ALPHA_MODES}")
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r} is not one of {NORMS}")
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is not one of {INITS}")
     quantized = [n for n, m in model.named_modules() if is_quantized(m)]
     if quantized:
         raise ValueError(f"{type(model).__name__} is already quantized (e.g. {quantized[0]!r}): rewrite first, "
@@ -118,7 +139,8 @@ def rewrite(
         by_owner[site.owner].append(site)
     placed: list[dict] = []
     refused: list[Refusal] = []
-    options = dict(alpha=alpha, alpha_init=alpha_init, norm=norm, affine=affine, eps=eps)
+    options = dict(alpha=alpha, alpha_init=alpha_init, norm=norm, affine=affine, eps=eps,
+                   preserve=init == "preserve")
     for owner, owner_sites in by_owner.items():
         try:
             owner_module = model.get_submodule(owner) if owner else model
@@ -142,6 +164,21 @@ def rewrite(
                        "concrete_args= or leaf_types=")
         warnings.warn(f"rewrite: no fusion site was rewritten in {type(model).__name__}; returned unchanged"
                       + (f" ({'; '.join(why)})" if why else ""), stacklevel=2)
+    if placed and init == "preserve" and calib_data is None and example_inputs is None:
+        warnings.warn("rewrite(init='preserve') got no data: the sites compute the original model exactly, but "
+                      "their reference statistics are not calibrated, so the normalized form will match it less "
+                      "well once NormSchedule opens the gate; pass example_inputs or calib_data=", stacklevel=2)
+        for row in placed:
+            row.pop("path")
+            row.update({"max |Δ| now": "0", "rel. L2 at mix=1": "not calibrated"})
+    elif placed and init == "preserve":
+        batches = calibration_batches(calib_data if calib_data is not None else [normalize_inputs(example_inputs)])
+        deviation = calibrate_sites(model, batches)
+        for row in placed:
+            row.update({k: f"{v:.2g}" for k, v in deviation.get(row.pop("path"), {}).items()})
+    else:
+        for row in placed:
+            row.pop("path")
     reports = model.__dict__.setdefault("fxfusion_reports", {})
     reports["rewrite"] = RewriteReport(placed, refused + list(found.refused), found)
     return model
@@ -169,7 +206,9 @@ def _rewrite_owner(owner: str, module: nn.Module, sites: list[FusionSite], optio
         done.add(index)
         name = f"gabfusion{index}"
         operands, tree = _operands(node, site, by_index, count)
-        fusion = GABFusion(site.kind, site.num_branches, site.axis, site.channels, add_tree=tree, **options)
+        widths = tuple(shape[site.axis] for shape in site.shapes) if site.kind == "cat" else None
+        fusion = GABFusion(site.kind, site.num_branches, site.axis, site.channels, add_tree=tree,
+                           branch_channels=widths, **options)
         module.add_module(name, fusion)
         with graph.inserting_before(node):
             new = graph.call_module(name, tuple(operands))
@@ -181,7 +220,9 @@ def _rewrite_owner(owner: str, module: nn.Module, sites: list[FusionSite], optio
                 graph.erase_node(inner)
         placed.append({"site": site.name, "module": owner or "<root>", "class": site.owner_class,
                        "op": site.kind, "branches": site.num_branches, "axis": site.axis,
-                       "alpha": options["alpha"], "norm": options["norm"]})
+                       "alpha": options["alpha"], "norm": options["norm"],
+                       "init": "preserve" if options["preserve"] else "paper",
+                       "path": f"{owner}.{name}" if owner else name})
     graph.lint()
     _specialize(module, graph)
     return placed

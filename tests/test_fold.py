@@ -19,7 +19,7 @@ def _rewritten(zoo_model, name, ops=None, seed=0):
     model, x = zoo_model(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = fxfusion.rewrite(model, sites=fxfusion.find_fusions(model, x, ops=ops))
+        q = fxfusion.rewrite(model, sites=fxfusion.find_fusions(model, x, ops=ops), init="paper")
     torch.manual_seed(seed)
     for m in q.modules():  # trained-looking, unequal α so that the folds are not trivial
         if isinstance(m, GABFusion):

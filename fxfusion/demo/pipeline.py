@@ -10,12 +10,12 @@ YOLOv5 (P3-P5, anchor-based Detect)::
     [5/6] ONNX          export_onnx (QDQ, opset 21), verify_onnx on val images, mAP in onnxruntime
     [6/6] figures       per-branch gradient norms at the neck Concats, detections, report.json
 
-Placement: GABFusion goes on the ``cat`` fusion sites of the four neck Concats
-(``find_fusions(..., ops=["cat"])`` restricted to YOLO's ``Concat`` modules), where the paper
-places it in YOLO. Before QAT the BatchNorm statistics of the rewritten model are re-estimated
-on a few train batches (see :func:`reestimate_batchnorm`). ADA distils at the same four sites:
-the student's GABFusion output against the FP32 model's Concat output (SimAM attention; KL for
-the uniform quantizers, JS for N2UQ, as the paper found best; weight 0.01).
+GABFusion is applied by :data:`~fxfusion.demo.recipe.DEFAULT_RECIPE` (``DemoConfig.recipe``): the
+``cat`` sites of the four neck Concats (the paper's placement in YOLO), rewritten so that the
+model still computes what the FP32 model computed, with the normalization gate opened and closed
+again during QAT by :class:`~fxfusion.NormSchedule`. ADA distils at the same four sites: the
+student's GABFusion output against the FP32 model's Concat output (SimAM attention; KL for the
+uniform quantizers, JS for N2UQ, as the paper found best; weight 0.01).
 
 Every model is scored with :func:`~fxfusion.demo.evaluate.evaluate_map` (COCO mAP@0.5 and
 mAP@0.5:0.95) after NMS at ``conf_thres=0.001``.
@@ -23,7 +23,6 @@ mAP@0.5:0.95) after NMS at ``conf_thres=0.001``.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -46,7 +45,9 @@ from fxfusion.demo.evaluate import evaluate_map
 from fxfusion.demo.loss import YoloLoss
 from fxfusion.demo.plots import plot_bars, plot_detections
 from fxfusion.demo.postprocess import non_max_suppression
-from fxfusion.demo.train import TrainHook, train
+from fxfusion.demo.recipe import (DEFAULT_RECIPE, ADAHook, Recipe, gabfusion_student, neck_ada, neck_concats,
+                                  recipe_hooks, reestimate_batchnorm)
+from fxfusion.demo.train import train
 from fxfusion.report import dumps, format_table, write_atomic
 
 __all__ = [
@@ -54,10 +55,11 @@ __all__ = [
     "ADAHook",
     "DemoConfig",
     "check_demo_args",
-    "gabfusion_demo_model",
+    "gabfusion_student",
     "neck_ada",
     "neck_concats",
     "onnx_predictor",
+    "recipe_hooks",
     "reestimate_batchnorm",
     "run_demo",
     "score",
@@ -92,6 +94,7 @@ class DemoConfig:
     calib_batches: int = 4
     profile_batches: int = 4
     verify_images: int = 16
+    recipe: Recipe = DEFAULT_RECIPE
 
     def __post_init__(self) -> None:
         check_demo_args(self.method, self.bits)
@@ -221,21 +224,23 @@ def _run(config: DemoConfig, out: Path, progress: bool, say: Callable[[str], Non
     timings["qat_baseline"] = time.perf_counter() - t0
     say(f"      {name_base} mAP@0.5 {scores[name_base]['map50']:.3f}  ({timings['qat_baseline']:.0f} s)")
 
-    # [3/6] QAT with GABFusion + ADA ------------------------------------------------------------
+    # [3/6] QAT with GABFusion (+ ADA) ----------------------------------------------------------
     t0 = time.perf_counter()
-    name_gabf = f"QAT + GABFusion + ADA ({config.tag})"
-    rewritten = gabfusion_demo_model(fp, x)
+    recipe = config.recipe
+    name_gabf = f"QAT + GABFusion{' + ADA' if recipe.ada else ''} ({config.tag})"
+    rewritten = gabfusion_student(fp, x, recipe, _take(data.calib_loader, config.bn_batches))
     rewrite_report = rewritten.fxfusion_reports["rewrite"]
-    say(f"[3/{PHASES}] {name_gabf}: GABFusion at the {len(rewrite_report.placed)} neck Concats, BatchNorm "
-        f"statistics re-estimated on {config.bn_batches} batches, ADA (SimAM, {config.divergence.upper()}, weight "
-        f"{config.ada_weight:g}) vs the FP32 teacher; {config.qat_steps} steps, SGD lr {config.qat_lr:g}")
-    reestimate_batchnorm(rewritten, _take(data.calib_loader, config.bn_batches))
+    ada_text = (f", ADA (SimAM, {config.divergence.upper()}, weight {config.ada_weight:g}) vs the FP32 teacher"
+                if recipe.ada else "")
+    say(f"[3/{PHASES}] {name_gabf}: GABFusion at {len(rewrite_report.placed)} sites ({recipe.describe()})"
+        f"{ada_text}; {config.qat_steps} steps, SGD lr {config.qat_lr:g}")
     scores["FP32 + GABFusion (before QAT)"] = score(rewritten, data.val)
     student = fxfusion.quantize(rewritten, x, **qat_kwargs)
-    ada = neck_ada(student, fp, config.divergence, config.ada_weight)
-    train(student, data.train_loader, config.qat_steps, loss_fn=YoloLoss(student), hooks=[ADAHook(ada)],
-          desc="[3/6] qat gabfusion+ada", **train_kwargs)
-    ada.remove()
+    hooks, ada = recipe_hooks(student, fp, recipe, config.qat_steps, config.divergence, config.ada_weight)
+    train(student, data.train_loader, config.qat_steps, loss_fn=YoloLoss(student), hooks=hooks,
+          desc="[3/6] qat gabfusion", **train_kwargs)
+    if ada is not None:
+        ada.remove()
     scores[name_gabf] = score(student, data.val)
     steps[name_gabf] = config.qat_steps
     timings["qat_gabfusion_ada"] = time.perf_counter() - t0
@@ -300,11 +305,10 @@ def _run(config: DemoConfig, out: Path, progress: bool, say: Callable[[str], Non
         "summary": rows,
         "timings_s": timings,
         "placement": {
-            "gabfusion": "the cat fusion sites of the neck Concat modules (find_fusions ops=['cat'], owner "
-                         "class Concat): the paper places GABFusion at every Concat of the YOLO neck",
-            "batchnorm_reestimated_batches": config.bn_batches,
-            "ada": {"sites": dict(ada.sites), "attention": "simam", "divergence": config.divergence,
-                    "weight": config.ada_weight},
+            "recipe": recipe.to_dict(),
+            "description": recipe.describe(),
+            "ada": ({"sites": dict(ada.sites), "attention": "simam", "divergence": config.divergence,
+                     "weight": config.ada_weight} if ada is not None else None),
             "rewrite": rewrite_report.to_dict(),
         },
         "alpha": _alphas(student),
@@ -326,51 +330,6 @@ def _run(config: DemoConfig, out: Path, progress: bool, say: Callable[[str], Non
 
 
 # --- the pieces, reusable by benchmarks ----------------------------------------------------------
-
-def neck_concats(model: nn.Module) -> list[str]:
-    """Paths of the YOLO ``Concat`` modules (the neck fusion nodes), in model order."""
-    from fxfusion.zoo.common import Concat
-
-    return [name for name, m in model.named_modules() if isinstance(m, Concat)]
-
-
-def gabfusion_demo_model(fp: nn.Module, example: Tensor) -> nn.Module:
-    """``rewrite`` of a copy of ``fp`` at the neck Concats, the paper's placement in YOLO.
-
-    The C3 and SPPF cats are fusion sites too (``fxfusion inspect yolov5``), but on this demo
-    rewriting all 13 cat sites scored lower than the 4 neck Concats alone after the same QAT.
-    """
-    import fxfusion
-
-    sites = fxfusion.find_fusions(fp, example, ops=["cat"], predicate=lambda site: site.owner_class == "Concat")
-    return fxfusion.rewrite(fp, sites=sites)
-
-
-def reestimate_batchnorm(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]]) -> nn.Module:
-    """Recompute every BatchNorm's running statistics on ``batches`` (cumulative average), in place.
-
-    A rewrite puts a LayerNorm in front of each site's consumers, so the BatchNorms after them
-    see inputs of another scale. Their statistics are re-estimated before QAT (which folds them
-    into the convs), so that QAT starts from a working model: on the demo the rewritten FP32 model
-    scores a mAP@0.5 near 0 before and about 0.6 after.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    was_training = model.training
-    try:
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # None: a cumulative average over the batches
-        model.train()
-        with torch.no_grad():
-            for images, _ in batches:
-                model(images)
-    finally:
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        model.train(was_training)
-    return model
-
 
 def torch_predictor(model: nn.Module, conf_thres: float = 0.001, iou_thres: float = 0.6
                     ) -> Callable[[Tensor], list[Tensor]]:
@@ -448,25 +407,6 @@ class _Data:
 
     def example(self, n: int) -> Tensor:
         return torch.stack([self.val[i][0] for i in range(min(n, len(self.val)))])
-
-
-class ADAHook(TrainHook):
-    """Adds the ADA loss (teacher forward on the same images) to every training step."""
-
-    def __init__(self, ada: nn.Module) -> None:
-        self.ada = ada
-
-    def extra_loss(self, model: nn.Module, images: Tensor, outputs: Any) -> Tensor:
-        return self.ada(images)
-
-
-def neck_ada(student: nn.Module, teacher: nn.Module, divergence: str, weight: float) -> nn.Module:
-    """ADA (SimAM attention) between the student's neck GABFusions and a frozen copy of ``teacher``'s Concats."""
-    from fxfusion.ada import ADALoss
-
-    sites = {f"{p}.gabfusion0": p for p in neck_concats(teacher)}
-    return ADALoss(student, copy.deepcopy(teacher), sites=sites, attention="simam", divergence=divergence,
-                   weight=weight)
 
 
 def _take(loader: DataLoader, n: int) -> list[tuple[Tensor, Tensor]]:

@@ -40,17 +40,27 @@ def init_bn_stats(model: nn.Module, input_shape: tuple[int, ...], seed: int = 0)
     keeps eval-mode activations at unit scale, so that eval-mode comparisons mean something.
     The model's train/eval mode is restored, and the global RNG is not touched.
     """
-    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))]
+    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(seed))
+    return bn_stats_from(model, [x])
+
+
+def bn_stats_from(model: nn.Module, inputs: list) -> nn.Module:
+    """Recompute every BatchNorm's running statistics as the cumulative average over ``inputs``, in place.
+
+    Each item of ``inputs`` is one model input (a tensor) or a tuple whose first element is
+    (an ``(images, targets)`` batch). The model's train/eval mode and the momenta are restored.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     was_training = model.training
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(seed))
     try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # None: a cumulative average over the batches
         model.train()
         with torch.no_grad():
-            model(x)
+            for x in inputs:
+                model(x[0] if isinstance(x, (tuple, list)) else x)
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
