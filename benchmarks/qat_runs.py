@@ -288,7 +288,10 @@ def run(setup: Setup, out: Path, log_name: str, workers: int, progress: bool = T
         fp_ready = {(d, s) for d in setup.datasets for s in setup.seeds} - {k[1:] for k in fp_todo}
 
         def submit_ready() -> None:
+            # Keep only ``workers`` runs in flight, so that they start in the order of ``todo``.
             for key in [k for k in waiting if (k[1], k[2]) in fp_ready]:
+                if sum(k[0] == "qat" for k in pending.values()) >= workers:
+                    return
                 waiting.remove(key)
                 _, d, s, b, m, name = key
                 pending[pool.submit(qat_run, setup, d, s, b, m, variants[name], str(cache))] = key
@@ -304,7 +307,7 @@ def run(setup: Setup, out: Path, log_name: str, workers: int, progress: bool = T
                 f.write(json.dumps(record) + "\n")
             if key[0] == "fp":
                 fp_ready.add(key[1:])
-                submit_ready()
+            submit_ready()
             bar.update(1)
             bar.write(describe(record) or _one_line(record))
     except BaseException:

@@ -17,13 +17,16 @@ inserts ``LN(fuse(α_1·x_1, ..., α_K·x_K))`` (arXiv 2511.05898):
 The paper's form changes what a trained model computes (on the demo's FP32 detector mAP@0.5 fell
 from 0.83 to 0.54 before QAT). With ``preserve=True`` the site instead computes
 
-    out = γ ⊙ [ (1 − mix)·(h − m)⊙r  +  mix·LN(h) ] + β,        h = fuse(α_1·x_1, ..., α_K·x_K)
+    out = fuse(x_1, ..., x_K) + mix · (γ ⊙ LN(h) + β − fuse(x_1, ..., x_K)),   h = fuse(α_1·x_1, ..., α_K·x_K)
 
-with fixed per-channel reference statistics ``m``, ``r`` and a gate ``mix`` (a buffer, 0 at
-first). At ``mix = 0`` the bracket is a per-channel affine of ``h`` and γ, β are set so that the
-site returns exactly ``fuse(x_1, ..., x_K)``: the rewritten model computes what the original
-computed. :class:`fxfusion.NormSchedule` then raises ``mix`` during QAT (and may lower it back to 0
-before deployment, so that :func:`fxfusion.deploy` has nothing left to approximate).
+with a gate ``mix`` (a buffer, 0 at first) and γ, β matched to the per-channel mean and spread
+of ``fuse(x)`` on calibration data (:meth:`calibrate`). At ``mix = 0`` the site *is* the original
+fusion, bit for bit: the rewritten model computes what the original computed, and a site whose
+gate is closed again at the end of QAT deploys as the original op with nothing to fold.
+:class:`fxfusion.NormSchedule` opens the gate during QAT and may close it before deployment
+(TaperNorm-style, arXiv 2602.10408), so the network learns with the normalization and ends
+without it. With ``norm="none"`` the site is ``γ ⊙ h + β`` (α and a per-channel scale, equal to
+``fuse(x)`` at first) and the gate starts open.
 """
 
 from __future__ import annotations
@@ -54,12 +57,11 @@ class GABFusion(nn.Module):
         norm: ``"layernorm"`` (per position, across ``dim``), ``"samplenorm"`` (per sample, over
             every non-batch axis) or ``"none"``.
         affine: learn a per-channel γ, β after the normalization.
-        preserve: the function-preserving form (module docstring): γ, β, the reference
-            statistics and the ``mix`` gate, set up so that the output equals
-            ``fuse(x_1, ..., x_K)`` until ``mix`` is raised. Needs ``channels`` (and for a cat
-            ``branch_channels``, each branch's width); for an add, all branches start with the
-            same α. :meth:`calibrate` refines the reference
-            statistics on data (the output stays exact).
+        preserve: the function-preserving form (module docstring): the output equals
+            ``fuse(x_1, ..., x_K)`` until the ``mix`` gate opens. Needs ``channels`` (and for a
+            cat ``branch_channels``, each branch's width); for an add, all branches start with
+            the same α. :meth:`calibrate` sets γ, β from data so that the normalized form matches
+            the original's per-channel            statistics.
         eps: the LayerNorm epsilon.
         add_tree: for an add of K > 2 branches, the original nesting as nested pairs of branch
             indices, e.g. ``(0, (1, 2))`` for ``a + (b + c)`` (default: left to right).
@@ -124,9 +126,7 @@ class GABFusion(nn.Module):
             self.weight = self.bias = None
         self.preserve = preserve
         if preserve:
-            self.register_buffer("mix", torch.zeros(()))
-            self.register_buffer("ref_shift", torch.zeros(channels))
-            self.register_buffer("ref_scale", torch.ones(channels))
+            self.register_buffer("mix", torch.full((), 1.0 if norm == "none" else 0.0))
             self.branch_channels = tuple(branch_channels) if op == "cat" else None
             self._reset_identity()
         # Filled in backward (balanced mode): sum over the step of ||∂L/∂x_i||², per branch. Rank-local,
@@ -153,8 +153,18 @@ class GABFusion(nn.Module):
         scaled = [a[i] * x for i, x in enumerate(xs)]
         if self.alpha_mode == "balanced" and self.training and torch.is_grad_enabled():
             self._record_energy(scaled, a)
-        h = torch.cat(scaled, self.dim) if self.op == "cat" else _sum(scaled, getattr(self, "add_tree", None))
+        h = self._fuse(scaled)
+        if getattr(self, "preserve", False) and self.norm != "frozen":
+            plain = self._fuse(xs)
+            return plain + self.mix * (self.normalize(h) - plain)
         return self.normalize(h)
+
+    def _fuse(self, xs: Sequence[Tensor]) -> Tensor:
+        return torch.cat(list(xs), self.dim) if self.op == "cat" else _sum(list(xs), getattr(self, "add_tree", None))
+
+    def gate_closed(self) -> bool:
+        """True when this is a function-preserving site whose gate is shut: it computes the plain fusion."""
+        return getattr(self, "preserve", False) and self.norm != "frozen" and float(self.mix) == 0.0
 
     def normalize(self, h: Tensor) -> Tensor:
         """Per-sample, per-position LayerNorm across ``self.dim`` (identity for norm='none';
@@ -170,9 +180,6 @@ class GABFusion(nn.Module):
             mu = h.mean(axes, keepdim=True)
             var = h.var(axes, unbiased=False, keepdim=True)
             out = (h - mu) * torch.rsqrt(var + self.eps)
-        if getattr(self, "preserve", False) and self.norm != "none":
-            ref = (h - self._along_dim(self.ref_shift, h.dim())) * self._along_dim(self.ref_scale, h.dim())
-            out = ref + self.mix * (out - ref)
         if self.weight is not None:
             shape = [1] * h.dim()
             shape[self.dim] = -1
@@ -193,8 +200,7 @@ class GABFusion(nn.Module):
 
     def make_plain(self) -> None:
         """Become the bare fusion op (α = 1, no normalization): used once α and the affine are folded."""
-        names = ["log_alpha", "dual_logits", "energy_ema", "frozen_scale", "frozen_shift", "mix", "ref_shift",
-                 "ref_scale",
+        names = ["log_alpha", "dual_logits", "energy_ema", "frozen_scale", "frozen_shift", "mix",
                  *(f"pre_scale{i}" for i in range(self.num_branches))]
         for name in names:
             if hasattr(self, name):
@@ -217,24 +223,25 @@ class GABFusion(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, mean: Tensor, std: Tensor) -> None:
-        """Set the reference statistics to the per-channel ``mean``/``std`` of ``h`` (preserve form).
+        """Match the normalized form to the original fusion's per-channel ``mean`` and ``std``.
 
-        γ and β are re-derived so that the output at ``mix = 0`` stays exactly ``fuse(x_1..x_K)``;
-        the statistics only decide how closely ``γ⊙LN(h) + β`` matches that output (moment
-        matching: each channel keeps its mean and spread) once ``mix`` rises.
+        Sets ``γ = std`` and ``β = mean`` (per channel of ``fuse(x)``), so that once ``mix``
+        rises, ``γ⊙LN(h) + β`` keeps each channel's mean and spread (it cannot keep the values:
+        the per-position normalization is not a per-channel affine). The output at ``mix = 0``
+        does not depend on it. With ``norm="none"`` nothing is needed (γ = 1/α is exact).
         """
         if not getattr(self, "preserve", False):
             raise RuntimeError("calibrate() is for GABFusion(preserve=True) sites")
-        self.ref_shift.copy_(mean.to(self.ref_shift))
-        self.ref_scale.copy_(1.0 / std.to(self.ref_scale).clamp_min(self.eps ** 0.5))
-        self._reset_identity()
+        if self.norm == "none":
+            return
+        self.weight.copy_(std.to(self.weight).clamp_min(self.eps ** 0.5))
+        self.bias.copy_(mean.to(self.bias))
 
     @torch.no_grad()
     def _reset_identity(self) -> None:
-        """γ, β such that ``γ⊙(h − m)⊙r + β = h / α_c`` per channel (the output equals the original)."""
-        a_c = self._alpha_per_channel()
-        self.weight.copy_(1.0 / (a_c * self.ref_scale) if self.norm != "none" else 1.0 / a_c)
-        self.bias.copy_(self.ref_shift / a_c if self.norm != "none" else torch.zeros_like(a_c))
+        """γ = 1/α per channel and β = 0: ``γ⊙h + β = fuse(x)`` exactly for ``norm="none"``."""
+        self.weight.copy_(1.0 / self._alpha_per_channel())
+        self.bias.zero_()
 
     def _alpha_per_channel(self) -> Tensor:
         a = self.alpha().detach()

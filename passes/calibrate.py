@@ -3,11 +3,11 @@
 Both ``rewrite`` (reference statistics of each site) and ``deploy`` (the frozen LayerNorm
 affine) take a few batches of real inputs; :func:`calibration_batches` is their one way to read
 them. :func:`calibrate_sites` measures, at every ``GABFusion(preserve=True)`` site, the
-per-channel mean and spread of the fused tensor ``h``, hands them to
+per-channel mean and spread of the original fusion ``fuse(x_1..x_K)``, hands them to
 :meth:`GABFusion.calibrate`, and measures what the rewrite did to each site's output:
 
-- ``max |Δ| now``: the largest difference from the original fusion ``fuse(x_1..x_K)`` with the gate
-  as it is (0 right after rewrite: float rounding only);
+- ``max |Δ| now``: the largest difference from the original fusion with the gate as it is (0
+  right after rewrite);
 - ``rel. L2 at mix=1``: ``‖out − fuse(x)‖ / ‖fuse(x)‖`` with full normalization, i.e. how far the
   site's output will move once :class:`fxfusion.NormSchedule` has opened the gate.
 """
@@ -46,14 +46,14 @@ def calibrate_sites(model: nn.Module, batches: list[tuple]) -> dict[str, dict[st
     """Calibrate every function-preserving GABFusion site of ``model`` on ``batches``, in place.
 
     Returns ``{site path: {"max |Δ| now": ..., "rel. L2 at mix=1": ...}}``. Sites are calibrated
-    in one pass: each sees its true inputs, because every site upstream already returns the
-    original fusion (exactly, before and after its own calibration).
+    in one pass: each sees its true inputs, because every site upstream returns the original
+    fusion while its gate is closed.
     """
     sites = {p: m for p, m in model.named_modules() if isinstance(m, GABFusion) and getattr(m, "preserve", False)}
     if not sites:
         return {}
     acc = {p: _Moments() for p in sites}
-    handles = [m.register_forward_hook(lambda mod, inp, out, p=p: acc[p].add(_fused(mod, inp), mod.dim))
+    handles = [m.register_forward_hook(lambda mod, inp, out, p=p: acc[p].add(_fused(mod, inp, scaled=False), mod.dim))
                for p, m in sites.items()]
     was_training = model.training
     model.eval()  # BatchNorm running statistics must not move

@@ -124,9 +124,11 @@ def deploy(
     reference = [_flat(_run(model, b)) for b in batches]
     graph = _analyse(model, batches[0])  # the dataflow does not change when the LayerNorms freeze
     fusions = gabfusion_modules(model)
+    closed = _close_plain_sites(fusions)
     if stats == "auto":
         stats = {p: "ln" if _feeds_layernorm(p, m, graph) else "fit" for p, m in fusions.items()}
     freeze_stats = freeze(model, batches, stats=stats, inplace=True, progress=progress)
+    freeze_stats.update({p: {"max": 0.0, "mean": 0.0} for p in closed})
     frozen = [_flat(_run(model, b)) for b in batches]
 
     to_recalibrate: dict[str, nn.Module] = {}
@@ -203,6 +205,17 @@ def _trains_a_norm(m: GABFusion) -> bool:
     return m.norm in ("layernorm", "samplenorm") or (m.norm == "none" and m.weight is not None)
 
 
+def _close_plain_sites(fusions: dict[str, GABFusion]) -> list[str]:
+    """Sites whose gate is shut compute the plain fusion: make them the identity affine (nothing to fold)."""
+    closed = [p for p, m in fusions.items() if m.gate_closed()]
+    for p in closed:
+        m = fusions[p]
+        m.make_plain()
+        ones = torch.ones(m.channels)
+        m.freeze(ones, torch.zeros_like(ones))
+    return closed
+
+
 class _Stats:
     """Running sums for one site: LN statistics, per-channel fit, and the freeze deviation."""
 
@@ -222,9 +235,10 @@ class _Stats:
             h = h.movedim(m.dim, -1).reshape(-1, h.shape[m.dim]).double()
             if self.measuring:
                 m.norm = m.train_norm
-                y_ln = m.normalize(torch.cat([a[i] * x for i, x in enumerate(xs)], m.dim) if m.op == "cat" else sum(
-                    a[i] * x for i, x in enumerate(xs)))
-                m.norm = "frozen"
+                try:
+                    y_ln = m.forward(*xs)  # what the site computed before the freeze (no hooks)
+                finally:
+                    m.norm = "frozen"
                 dev = (y_ln - out).abs()
                 self.dev_max = max(self.dev_max, float(dev.max()))
                 self.dev_sum += float(dev.sum())
@@ -244,13 +258,7 @@ class _Stats:
     def affine(self, stats: str) -> tuple[Tensor, Tensor]:
         m, c = self.m, self.sh.shape[0]
         if getattr(m, "preserve", False):
-            if m.norm == "none" or float(m.mix) == 0.0:  # already a per-channel affine: take it as it is
-                g, b = m.weight.detach().double(), m.bias.detach().double()
-                if m.norm == "none":
-                    return g, b
-                r, mu = m.ref_scale.double(), m.ref_shift.double()
-                return g * r, b - g * r * mu
-            stats = "fit"  # its output is no plain LayerNorm
+            stats = "fit"  # its output blends the fusion and γ⊙LN + β: no plain LayerNorm
         mu0, var0 = self.mu_sum / self.n, self.var_sum / self.n
         if stats == "fit":
             mean_h, mean_y = self.sh / self.n, self.sy / self.n
@@ -444,6 +452,10 @@ def _fold_site(path: str, m: GABFusion, g: _Graph, pending: dict, recal: dict) -
     sizes = g.sizes[path] if m.op == "cat" else [c] * m.num_branches
     a_parts = list(scale.split(sizes)) if m.op == "cat" else [scale] * m.num_branches
     s_in = [pending.get((path, i), (torch.ones(n), torch.zeros(n))) for i, n in enumerate(sizes)]
+    if all(bool((alpha[i] * a_parts[i] * p == 1).all() and (q == 0).all()) for i, (p, q) in enumerate(s_in)) \
+            and bool((shift == 0).all()):  # the identity (a gate closed at the end of QAT): change nothing
+        m.make_plain()
+        return {"target": "nothing to fold (the site computes the original fusion)", "exact": True, "note": ""}
     # y = A ⊙ fuse(α_i (p_i ⊙ x_i + q_i)) + B  ==  fuse(S_i ⊙ x_i) + B'
     branch = [alpha[i] * a_parts[i] * s_in[i][0] for i in range(m.num_branches)]
     extra = [alpha[i] * a_parts[i] * s_in[i][1] for i in range(m.num_branches)]

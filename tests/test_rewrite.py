@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fxfusion
+from fxfusion.gabfusion import set_gate
 from fxfusion.gabfusion import GABFusion
 from fxfusion.passes.find import leaves
 from fxfusion.passes.rewrite import gabfusion_modules
@@ -44,12 +45,16 @@ def test_rewrite_zoo_model(zoo_model, name):
         assert [t.shape for t in ref] == [t.shape for t in out]
         assert all(torch.isfinite(t).all() for t in out)
 
-    # backward reaches every alpha and every original parameter
+    # backward reaches every original parameter; α only once the normalization gate is open
     q.train()
     q.zero_grad()
     sum(t.float().pow(2).mean() for t in _outputs(q, x)).backward()
     missing = [n for n, p in q.named_parameters() if p.grad is None]
     assert not missing, missing
+    assert all(float(m.log_alpha.grad.abs().sum()) == 0.0 for m in fusions.values())  # the gate is closed
+    set_gate(q, 0.5)
+    q.zero_grad()
+    sum(t.float().pow(2).mean() for t in _outputs(q, x)).backward()
     assert all(m.log_alpha.grad.abs().sum() > 0 for m in fusions.values())
 
     # original checkpoints load; only GABFusion keys are missing
