@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import fxfusion
+from fxfusion.gabfusion import set_gate
 from fxfusion import zoo
 
 from ddp_util import gloo_group, spawn  # tests/ddp_util.py
@@ -30,6 +31,7 @@ def _models() -> tuple[nn.Module, nn.Module]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         student = fxfusion.quantize(fxfusion.rewrite(fp, x, alpha="balanced"), x, method="lsq", w_bits=4, a_bits=4)
+        set_gate(student, 1.0)  # as NormSchedule has it at its peak: the sites normalize and α gets gradients
         # α = 1 and no norm: the float model's outputs, under the student's site paths
         teacher = fxfusion.rewrite(fp, x, alpha="fixed", alpha_init=1.0, norm="none")
     return student, teacher

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 ao = pytest.importorskip("torch.ao.quantization")
 
 import fxfusion  # noqa: E402
-from fxfusion.gabfusion import GABFusion  # noqa: E402
+from fxfusion.gabfusion import GABFusion, set_gate  # noqa: E402
 from fxfusion.quant import QParams, QuantizerProtocol  # noqa: E402
 from fxfusion.quant.ao import AOFakeQuantizer, ao_factory  # noqa: E402
 from fxfusion.quant.layers import is_quantized  # noqa: E402
@@ -214,7 +214,9 @@ def _rewritten_resnet(zoo_model):
     model, x = zoo_model("resnet")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return fxfusion.rewrite(model, x), x
+        rewritten = fxfusion.rewrite(model, x)
+    set_gate(rewritten, 0.5)  # mid-ramp: the sites normalize, so α learns
+    return rewritten, x
 
 
 def _step(model: nn.Module, x: Tensor, lr: float = 1e-2) -> tuple[float, float]:
