@@ -8,7 +8,8 @@ variant below runs QAT from the same FP32 checkpoint and is compared with the QA
   baseline QAT at 4 and 3 bits (is there an imbalance for GABFusion to correct?);
 - initialisation: the paper's ``LN(fuse(α·x))`` vs the function-preserving rewrite;
 - normalization axis: channels at each position, per sample over (C, H, W), none (α only);
-- α: learned from 0.5 (v1) vs balanced by gradient energy (v2);
+- α: learned from 0.5 (v1) at the QAT learning rate or 30 times it (α has no weight decay: a 1-D
+  parameter), vs balanced by gradient energy (v2);
 - the LayerNorm at deploy time: frozen after training vs tapered to its affine at the end of QAT;
 - placement: the neck Concats vs every cat site;
 - ADA on top of the best;
@@ -57,6 +58,7 @@ def variants() -> tuple[Variant, ...]:
         Variant("preserve, LN, taper, + ADA", BASE.with_(ada=True)),
         Variant("preserve, LN, taper, balanced α", BASE.with_(alpha="balanced")),
         Variant("preserve, LN, taper, all cat sites", BASE.with_(placement="all")),
+        Variant("preserve, LN, taper, α lr x30", BASE.with_(alpha_lr=30.0)),
         Variant("baseline, 1000 steps", qat_steps=1000),
         Variant("preserve, LN, taper, 1000 steps", BASE, qat_steps=1000),
     )

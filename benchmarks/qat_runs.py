@@ -158,7 +158,7 @@ def qat_run(setup: Setup, dataset: str, seed: int, bits: int, method: str, varia
     import fxfusion
     from fxfusion.demo.loss import YoloLoss
     from fxfusion.demo.pipeline import score
-    from fxfusion.demo.recipe import gabfusion_student, recipe_hooks
+    from fxfusion.demo.recipe import gabfusion_student, recipe_hooks, recipe_lr_scale
     from fxfusion.demo.train import train
     from fxfusion.passes.rewrite import gabfusion_modules
 
@@ -185,7 +185,8 @@ def qat_run(setup: Setup, dataset: str, seed: int, bits: int, method: str, varia
         student = fxfusion.quantize(rewritten, example, **qat)
         divergence = variant.divergence or ("js" if method == "n2uq" else "kl")
         hooks, ada = recipe_hooks(student, fp, recipe, steps, divergence, hp.ada_weight)
-    train(student, loader, steps, loss_fn=YoloLoss(student), hooks=hooks, **schedule)
+    train(student, loader, steps, loss_fn=YoloLoss(student), hooks=hooks, lr_scale=recipe_lr_scale(recipe),
+          **schedule)
     if ada is not None:
         ada.remove()
     scores["QAT"] = score(student, val_set)["map50"]
@@ -216,11 +217,37 @@ def _checkpoint(cache: str, hp: DemoConfig, dataset: str, seed: int) -> Path:
 
 def fingerprint(setup: Setup, record_key: tuple) -> dict[str, Any]:
     """The settings a record depends on: its dataset's training settings, and its variant."""
-    hp = {k: v for k, v in asdict(setup.config(record_key[1])).items() if k not in ("method", "bits", "seed")}
+    hp = asdict(setup.config(record_key[1]))
     if record_key[0] == "fp":
-        return json.loads(json.dumps({"train": hp}))
+        return _normalized({"train": hp})
     variant = next(v for v in setup.variants if v.name == record_key[-1])
-    return json.loads(json.dumps({"train": hp, "variant": asdict(variant)}))
+    return _normalized({"train": hp, "variant": asdict(variant)})
+
+
+def _normalized(fp: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint without what a record does not depend on, and without options at their defaults.
+
+    So an option added later (at a default that reproduces the old behaviour) leaves old records
+    valid, and the demo's default recipe (``DemoConfig.recipe``) is no setting of any run: each
+    variant carries its own recipe.
+    """
+    fp = json.loads(json.dumps(fp))
+    train = {k: v for k, v in fp["train"].items() if k not in ("method", "bits", "seed", "recipe")}
+    out: dict[str, Any] = {"train": train}
+    if "variant" in fp:
+        variant = _drop_defaults(fp["variant"], Variant)
+        if isinstance(variant.get("recipe"), dict):
+            variant["recipe"] = _drop_defaults(variant["recipe"], Recipe)
+        out["variant"] = variant
+    return out
+
+
+def _drop_defaults(values: dict[str, Any], cls: type) -> dict[str, Any]:
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    return {k: v for k, v in values.items() if k not in defaults or json.loads(json.dumps(defaults[k])) != v
+            or k == "name"}
 
 
 def record_key(r: dict[str, Any]) -> tuple:
@@ -239,10 +266,13 @@ def load(log: Path, setup: Setup) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         r = json.loads(line)
+        if r["kind"] == "qat" and "variant" not in r:  # a whole cell per record: the format before per-run logs
+            stale += 1
+            continue
         key = record_key(r)
         if key[0] == "qat" and key[-1] not in names:
             continue
-        if r.get("config") == fingerprint(setup, key):
+        if "config" in r and _normalized(r["config"]) == fingerprint(setup, key):
             records[key] = r  # the last one wins
         else:
             stale += 1

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from fxfusion.demo.train import TrainHook
 
 __all__ = ["DEFAULT_RECIPE", "PAPER_RECIPE", "Recipe", "ADAHook", "BalanceHook", "gabfusion_student",
-           "neck_ada", "neck_concats", "recipe_hooks", "reestimate_batchnorm"]
+           "neck_ada", "neck_concats", "recipe_hooks", "recipe_lr_scale", "reestimate_batchnorm"]
 
 PLACEMENTS = ("neck", "all")
 
@@ -40,6 +40,7 @@ class Recipe:
         alpha: ``"learned"`` (v1, from 0.5) or ``"balanced"`` (v2, :class:`~fxfusion.AlphaBalancer`).
         ramp, taper: the :class:`~fxfusion.NormSchedule` shares (``init="preserve"`` only).
         ada: distil with ADA at the neck sites.
+        alpha_lr: the learning rate of α (``log_alpha``) as a multiple of the QAT learning rate.
     """
 
     placement: str = "neck"
@@ -49,6 +50,7 @@ class Recipe:
     ramp: float = 0.25
     taper: float = 0.25
     ada: bool = True
+    alpha_lr: float = 1.0
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -60,7 +62,8 @@ class Recipe:
     def describe(self) -> str:
         gate = (f"gate ramp {self.ramp:g}, taper {self.taper:g}" if self.init == "preserve" and self.norm != "none"
                 else "")
-        parts = [f"{self.placement} sites", f"init {self.init}", self.norm, f"α {self.alpha}", gate,
+        alpha = f"α {self.alpha}" + (f" (lr x{self.alpha_lr:g})" if self.alpha_lr != 1.0 else "")
+        parts = [f"{self.placement} sites", f"init {self.init}", self.norm, alpha, gate,
                  "ADA" if self.ada else "no ADA"]
         return ", ".join(p for p in parts if p)
 
@@ -118,6 +121,11 @@ def recipe_hooks(student: nn.Module, teacher: nn.Module, recipe: Recipe, steps: 
     if ada is not None:
         hooks.append(ADAHook(ada))
     return hooks, ada
+
+
+def recipe_lr_scale(recipe: Recipe | None) -> dict[str, float]:
+    """The :func:`~fxfusion.demo.train.train` ``lr_scale`` of a recipe (α's own learning rate)."""
+    return {"log_alpha": recipe.alpha_lr} if recipe is not None and recipe.alpha_lr != 1.0 else {}
 
 
 def reestimate_batchnorm(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]]) -> nn.Module:

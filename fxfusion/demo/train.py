@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -67,6 +67,7 @@ def train(
     weight_decay: float = 5e-4,
     max_grad_norm: float = 10.0,
     seed: int | None = 0,
+    lr_scale: Mapping[str, float] | None = None,
 ) -> list[float]:
     """Train ``model`` for ``steps`` optimizer steps, cycling over ``loader`` as often as needed.
 
@@ -88,6 +89,8 @@ def train(
         weight_decay: L2 decay on parameters with 2 or more dims.
         max_grad_norm: gradient clipping norm (over all parameters).
         seed: seeds torch's global RNG at the start, for reproducible runs; None leaves it alone.
+        lr_scale: ``{name suffix: factor}``: parameters whose name ends with a suffix train at
+            ``factor · lr`` (e.g. ``{"log_alpha": 10}`` for GABFusion's α), without weight decay.
 
     Returns:
         The total loss (task plus extra losses) of every step.
@@ -113,12 +116,13 @@ def train(
     if seed is not None:
         torch.manual_seed(seed)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise ValueError(
             f"{type(model).__name__} has no parameter that requires grad; nothing to train."
         )
-    opt = _make_optimizer(optimizer, params, lr, weight_decay)
+    opt = _make_optimizer(optimizer, named, lr, weight_decay, lr_scale or {})
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_factor(steps, warmup_steps, schedule, final_lr_ratio)
     )
@@ -173,12 +177,17 @@ def train(
 
 
 def _make_optimizer(
-    name: str, params: list[nn.Parameter], lr: float, weight_decay: float
+    name: str, named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
+    lr_scale: Mapping[str, float],
 ) -> torch.optim.Optimizer:
-    """SGD or Adam, with weight decay on parameters of 2 or more dims only."""
+    """SGD or Adam, with weight decay on parameters of 2 or more dims only, and per-suffix lr factors."""
+    scaled = {suffix: [p for n, p in named if n.endswith(suffix)] for suffix in lr_scale}
+    taken = {id(p) for ps in scaled.values() for p in ps}
+    rest = [p for _, p in named if id(p) not in taken]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
+        *({"params": ps, "weight_decay": 0.0, "lr": lr * lr_scale[suffix]} for suffix, ps in scaled.items()),
     ]
     groups = [g for g in groups if g["params"]]
     if name == "sgd":
