@@ -147,3 +147,15 @@ def test_progress_bar_runs(capsys):
     model, loader, loss_fn = _setup()
     train(model, loader, 2, lr=0.1, loss_fn=loss_fn, desc="bar-label", progress=True)
     assert "bar-label" in capsys.readouterr().err
+
+
+def test_lr_scale_multiplies_the_learning_rate_of_matching_parameters():
+    model, loader, loss_fn = _setup()
+    start = copy.deepcopy(model)
+    plain, scaled = copy.deepcopy(model), copy.deepcopy(model)
+    train(plain, loader, 1, lr=0.01, loss_fn=loss_fn, progress=False, weight_decay=0.0)
+    train(scaled, loader, 1, lr=0.01, loss_fn=loss_fn, progress=False, weight_decay=0.0, lr_scale={"1.bias": 10.0})
+    step = {name: [(dict(m.named_parameters())[name] - dict(start.named_parameters())[name]).detach()
+                   for m in (plain, scaled)] for name in ("1.weight", "1.bias")}
+    assert torch.equal(step["1.weight"][0], step["1.weight"][1])  # the other parameters are untouched
+    assert torch.allclose(step["1.bias"][1], 10 * step["1.bias"][0], rtol=1e-5)
