@@ -248,8 +248,9 @@ def _run(config: DemoConfig, out: Path, progress: bool, say: Callable[[str], Non
 
     # [4/6] deploy and fine-tune ----------------------------------------------------------------
     t0 = time.perf_counter()
-    say(f"[4/{PHASES}] deploy: LayerNorm frozen to {config.calib_batches} calibration batches, α folded; "
-        f"fine-tune {config.finetune_steps} steps, Adam lr {config.finetune_lr:g}")
+    say(f"[4/{PHASES}] deploy on {config.calib_batches} calibration batches (a site whose gate is closed is the "
+        f"original op again; an open one has its LayerNorm frozen and folded with α); fine-tune "
+        f"{config.finetune_steps} steps, Adam lr {config.finetune_lr:g}")
     calib = _take(data.calib_loader, config.calib_batches)
     deployed = fxfusion.deploy(student, calib, progress=progress)
     deploy_report = deployed.fxfusion_reports["deploy"]

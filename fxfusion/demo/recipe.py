@@ -60,11 +60,11 @@ class Recipe:
         return replace(self, **changes)
 
     def describe(self) -> str:
+        """The placement, form, α and gate schedule in a few words (ADA is described by its caller)."""
         gate = (f"gate ramp {self.ramp:g}, taper {self.taper:g}" if self.init == "preserve" and self.norm != "none"
                 else "")
         alpha = f"α {self.alpha}" + (f" (lr x{self.alpha_lr:g})" if self.alpha_lr != 1.0 else "")
-        parts = [f"{self.placement} sites", f"init {self.init}", self.norm, alpha, gate,
-                 "ADA" if self.ada else "no ADA"]
+        parts = [f"{self.placement} sites", f"init {self.init}", self.norm, alpha, gate]
         return ", ".join(p for p in parts if p)
 
     def to_dict(self) -> dict[str, Any]:
