@@ -46,7 +46,7 @@ from fxfusion.demo.loss import YoloLoss
 from fxfusion.demo.plots import plot_bars, plot_detections
 from fxfusion.demo.postprocess import non_max_suppression
 from fxfusion.demo.recipe import (DEFAULT_RECIPE, ADAHook, Recipe, gabfusion_student, neck_ada, neck_concats,
-                                  recipe_hooks, reestimate_batchnorm)
+                                  recipe_hooks, recipe_lr_scale, reestimate_batchnorm)
 from fxfusion.demo.train import train
 from fxfusion.report import dumps, format_table, write_atomic
 
@@ -238,7 +238,7 @@ def _run(config: DemoConfig, out: Path, progress: bool, say: Callable[[str], Non
     student = fxfusion.quantize(rewritten, x, **qat_kwargs)
     hooks, ada = recipe_hooks(student, fp, recipe, config.qat_steps, config.divergence, config.ada_weight)
     train(student, data.train_loader, config.qat_steps, loss_fn=YoloLoss(student), hooks=hooks,
-          desc="[3/6] qat gabfusion", **train_kwargs)
+          lr_scale=recipe_lr_scale(recipe), desc="[3/6] qat gabfusion", **train_kwargs)
     if ada is not None:
         ada.remove()
     scores[name_gabf] = score(student, data.val)

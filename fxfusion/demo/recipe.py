@@ -71,7 +71,9 @@ class Recipe:
         return asdict(self)
 
 
-DEFAULT_RECIPE = Recipe()
+# The ablation's choice on seeds 100-102 (benchmarks/results/ablation.md): the best mean gain among the variants
+# that deploy exactly, +0.003 mAP@0.5 over the baseline, 3 of 4 cells, which is within the seed noise.
+DEFAULT_RECIPE = Recipe(alpha_lr=30.0)
 PAPER_RECIPE = Recipe(init="paper", ramp=0.0, taper=0.0)
 
 
