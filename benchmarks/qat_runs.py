@@ -6,7 +6,10 @@ and for GABFusion variants deployed (LayerNorm frozen and folded) and optionally
 execute in ``workers`` processes of one thread each. Every finished run (and every FP32 training)
 is appended to a JSONL log as one record, fingerprinted with the settings it depends on; a rerun
 skips what is there, so an interrupted benchmark resumes where it stopped, across sessions.
-FP32 checkpoints are cached in ``<out>/accuracy_cache`` (shared by the grid and the ablation).
+FP32 checkpoints are cached in ``<out>/accuracy_cache`` (shared by the grid and the ablation; not
+committed). FP32 training on one thread is deterministic: a later session that retrains a missing
+checkpoint gets the same tensors (checked: shapes seed 102, retrained in another process, equal
+bit for bit), so the QAT runs already logged for that seed stay valid.
 
 The FP32 record also holds the score of the FP32 model right after the default rewrite (no
 training), and the per-branch gradient norms at the neck Concats; a baseline run holds the same
