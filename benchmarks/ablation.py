@@ -175,7 +175,7 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     ax.invert_yaxis()
     ax.set_xlabel("mAP@0.5 gain over the QAT baseline (mean of seeds per cell)")
     ax.set_title("GABFusion ablation, shapes, W4A4/W3A3 x LSQ/N2UQ, seeds 100-102")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     save_figure(fig, path)
     return True
