@@ -87,6 +87,8 @@ class ShapesDataset(Dataset):
         self.class_names: tuple[str, ...] = CLASS_NAMES[:num_classes]
         self.cache = cache
         self.size_range = _SIZE_RANGE  # longer box side, as a fraction of the image side
+        self.aspect_range = (0.7, 1.0 / 0.7)  # width / height of a box
+        self.max_overlap = _MAX_OVERLAP  # intersection / smaller box area allowed between two objects
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # Pixel-centre coordinates, shared by every drawing call.
         coords = np.arange(self.img_size, dtype=np.float32) + 0.5
@@ -163,15 +165,15 @@ class ShapesDataset(Dataset):
     def _place(
         self, rng: np.random.Generator, boxes: Sequence[tuple[float, float, float, float]]
     ) -> tuple[float, float, float, float] | None:
-        """A box (cx, cy, w, h) in pixels, inside the image, not hiding an earlier object."""
+        """A box (cx, cy, w, h) in pixels, inside the image, overlapping earlier ones by at most ``max_overlap``."""
         size = self.img_size
         for _ in range(_PLACEMENT_TRIES):
             side = rng.uniform(*self.size_range) * size
-            aspect = math.exp(rng.uniform(math.log(0.7), math.log(1.0 / 0.7)))
+            aspect = math.exp(rng.uniform(math.log(self.aspect_range[0]), math.log(self.aspect_range[1])))
             w, h = (side, side / aspect) if aspect >= 1.0 else (side * aspect, side)
             cx = rng.uniform(w / 2, size - w / 2)
             cy = rng.uniform(h / 2, size - h / 2)
-            if all(_overlap((cx, cy, w, h), other) < _MAX_OVERLAP for other in boxes):
+            if all(_overlap((cx, cy, w, h), other) <= self.max_overlap for other in boxes):
                 return cx, cy, w, h
         return None
 

@@ -25,12 +25,10 @@ Like the shapes, every scene is a pure function of ``(seed, split, index)``.
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Sequence
 
 import numpy as np
 
-from fxfusion.demo.data import _PLACEMENT_TRIES, ShapesDataset, _bilinear_matrix, _overlap
+from fxfusion.demo.data import ShapesDataset, _bilinear_matrix
 
 __all__ = ["DIGIT_NAMES", "DigitScenesDataset", "load_digit_images"]
 
@@ -108,21 +106,6 @@ class DigitScenesDataset(ShapesDataset):
         tone = rng.uniform(0.7, 0.95) + rng.normal(0.0, 0.03, 3)
         shade = rng.uniform(-0.08, 0.08) * (self._xx / self.img_size - 0.5)
         return (tone[:, None, None] + shade[None]).astype(np.float32)
-
-    def _place(
-        self, rng: np.random.Generator, boxes: Sequence[tuple[float, float, float, float]]
-    ) -> tuple[float, float, float, float] | None:
-        """A box (cx, cy, w, h) in pixels, inside the image, overlapping earlier ones by at most max_overlap."""
-        size = self.img_size
-        for _ in range(_PLACEMENT_TRIES):
-            side = rng.uniform(*self.size_range) * size
-            aspect = math.exp(rng.uniform(math.log(self.aspect_range[0]), math.log(self.aspect_range[1])))
-            w, h = (side, side / aspect) if aspect >= 1.0 else (side * aspect, side)
-            cx = rng.uniform(w / 2, size - w / 2)
-            cy = rng.uniform(h / 2, size - h / 2)
-            if all(_overlap((cx, cy, w, h), other) <= self.max_overlap for other in boxes):
-                return cx, cy, w, h
-        return None
 
     def _render(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Draw scene ``index``: uint8 (3, H, W) pixels and float32 (n_obj, 5) targets."""
