@@ -272,8 +272,8 @@ def load(log: Path, setup: Setup) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         r = json.loads(line)
-        if r["kind"] == "qat" and "variant" not in r:  # a whole cell per record: the format before per-run logs
-            stale += 1
+        if (r["kind"] == "qat" and "variant" not in r) or "train" not in r.get("config", {}):
+            stale += 1  # the format before per-run logs: a whole cell per record, a flat fingerprint
             continue
         key = record_key(r)
         if key[0] == "qat" and key[-1] not in names:
