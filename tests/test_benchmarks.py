@@ -86,3 +86,22 @@ def test_accuracy_benchmark_quick_runs_every_variant_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (out / "accuracy_runs.jsonl").read_text().splitlines() == lines
     assert json.loads((out / "accuracy.json").read_text())["summary"]["rows"] == summary["rows"]
+
+
+def test_run_logs_of_other_settings_or_the_old_format_are_ignored(tmp_path, capsys):
+    sys.path.insert(0, str(ACCURACY.parent))
+    from qat_runs import Setup, Variant, fingerprint, load
+
+    from fxfusion.demo.pipeline import DemoConfig
+
+    setup = Setup(train=DemoConfig(img_size=64), variants=(Variant("baseline"),), seeds=(0,), datasets=("shapes",))
+    good = {"kind": "qat", "dataset": "shapes", "seed": 0, "bits": 4, "method": "lsq", "variant": "baseline",
+            "map50": {"QAT": 0.5}}
+    good["config"] = fingerprint(setup, ("qat", "shapes", 0, 4, "lsq", "baseline"))
+    other = dict(good, seed=1, config={**good["config"], "train": {**good["config"]["train"], "qat_steps": 7}})
+    old = {"kind": "qat", "dataset": "shapes", "seed": 0, "bits": 4, "method": "lsq", "map50": {"baseline": 0.4},
+           "config": {"img_size": 64}}  # a whole cell per record, a flat fingerprint
+    log = tmp_path / "runs.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in (old, good, other)) + "\n")
+    assert load(log, setup) == [good]
+    assert "ignoring 2 record(s)" in capsys.readouterr().out
