@@ -1,6 +1,6 @@
 """Calibration data, and the calibration of function-preserving GABFusion sites after ``rewrite``.
 
-Both ``rewrite`` (reference statistics of each site) and ``deploy`` (the frozen LayerNorm
+Both ``rewrite`` (the statistics γ, β of each site start from) and ``deploy`` (the frozen LayerNorm
 affine) take a few batches of real inputs; :func:`calibration_batches` is their one way to read
 them. :func:`calibrate_sites` measures, at every ``GABFusion(preserve=True)`` site, the
 per-channel mean and spread of the original fusion ``fuse(x_1..x_K)``, hands them to

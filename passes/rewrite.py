@@ -85,10 +85,10 @@ def rewrite(
         model: any ``nn.Module``.
         example_inputs: inputs for site discovery (omit when passing ``sites``).
         sites: the sites to rewrite, e.g. a filtered :func:`find_fusions` report.
-        init: ``"preserve"`` (default): every site starts as the function-preserving form of
-            :class:`~fxfusion.GABFusion` (a per-channel γ, β and a normalization gate at 0), so
-            the rewritten model computes what ``model`` computed (to float rounding, about 1e-6
-            relative); raise the gate during QAT with :class:`fxfusion.NormSchedule`.
+        init: ``"preserve"`` (default): every site starts as the gated form of
+            :class:`~fxfusion.GABFusion` with its gate closed, where it is the original fusion op
+            bit for bit, so the rewritten model computes what ``model`` computed; open (and close)
+            the gate during QAT with :class:`fxfusion.NormSchedule`.
             ``"paper"``: the paper's plain ``LN(fuse(α·x))``, which changes the model's outputs
             (re-estimate BatchNorm statistics before QAT if you use it on a trained model).
         calib_data: batches (a DataLoader of ``(inputs, targets)`` works) on which
@@ -166,7 +166,7 @@ def rewrite(
                       + (f" ({'; '.join(why)})" if why else ""), stacklevel=2)
     if placed and init == "preserve" and calib_data is None and example_inputs is None:
         warnings.warn("rewrite(init='preserve') got no data: the sites compute the original model exactly, but "
-                      "their reference statistics are not calibrated, so the normalized form will match it less "
+                      "their γ, β are not matched to its statistics, so the normalized form will match it less "
                       "well once NormSchedule opens the gate; pass example_inputs or calib_data=", stacklevel=2)
         for row in placed:
             row.pop("path")
