@@ -129,9 +129,13 @@ def _table1_row(key: tuple, scores: dict[str, list[float]], fp: list[float]) -> 
     dataset, bits, method = key
     base, gab, ada = (_mean(scores.get(v, [])) for v in ("baseline", "gab", "gab+ada"))
     deployed = _mean(scores.get("gab+ada deployed", []))
-    return {"dataset": dataset, "W/A": f"{bits}/{bits}", "method": method.upper(), "FP32": f"{_mean(fp):.3f}",
-            "baseline": f"{base:.3f}", "+GAB": f"{gab:.3f}", "+GAB+ADA": f"{ada:.3f}", "deployed": f"{deployed:.3f}",
-            "gain": f"{ada - base:+.3f}", "gap closed": _share(ada - base, _mean(fp) - base),
+    def num(v: float, fmt: str = ".3f") -> str:  # a variant not run yet (a partial grid) shows as blank
+        return "" if math.isnan(v) else format(v, fmt)
+
+    return {"dataset": dataset, "W/A": f"{bits}/{bits}", "method": method.upper(), "FP32": num(_mean(fp)),
+            "baseline": num(base), "+GAB": num(gab), "+GAB+ADA": num(ada), "deployed": num(deployed),
+            "gain": num(ada - base, "+.3f"),
+            "gap closed": "" if math.isnan(ada - base) else _share(ada - base, _mean(fp) - base),
             "seeds": len(scores.get("baseline", []))}
 
 
