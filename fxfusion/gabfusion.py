@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GABFusion", "ALPHA_MODES", "NORMS", "gate_value", "set_gate"]
+__all__ = ["GABFusion", "ALPHA_MODES", "NORMS", "gate_value", "preserving_sites", "set_gate"]
 
 ALPHA_MODES = ("learned", "balanced", "fixed")
 NORMS = ("layernorm", "samplenorm", "none")  # deploy adds "frozen": the per-channel affine A⊙h + B
@@ -153,13 +153,14 @@ class GABFusion(nn.Module):
         scaled = [a[i] * x for i, x in enumerate(xs)]
         if self.alpha_mode == "balanced" and self.training and torch.is_grad_enabled():
             self._record_energy(scaled, a)
-        h = self._fuse(scaled)
+        h = self.fuse(scaled)
         if getattr(self, "preserve", False) and self.norm != "frozen":
-            plain = self._fuse(xs)
+            plain = self.fuse(xs)
             return plain + self.mix * (self.normalize(h) - plain)
         return self.normalize(h)
 
-    def _fuse(self, xs: Sequence[Tensor]) -> Tensor:
+    def fuse(self, xs: Sequence[Tensor]) -> Tensor:
+        """The site's original op on ``xs``: cat along ``dim``, or the sum in its original nesting."""
         return torch.cat(list(xs), self.dim) if self.op == "cat" else _sum(list(xs), getattr(self, "add_tree", None))
 
     def gate_closed(self) -> bool:
@@ -292,10 +293,16 @@ def _sum_tree(xs: list[Tensor], tree: tuple | int) -> Tensor:
     return _sum_tree(xs, tree[0]) + _sum_tree(xs, tree[1])
 
 
+def preserving_sites(model: nn.Module) -> dict[str, GABFusion]:
+    """Every function-preserving (gated) GABFusion site of ``model``, by path."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, GABFusion) and getattr(m, "preserve", False)}
+
+
 def gate_value(model: nn.Module) -> float | None:
-    """The ``mix`` gate shared by the function-preserving sites of ``model`` (None: there are none)."""
-    values = {float(m.mix) for m in model.modules() if isinstance(m, GABFusion) and getattr(m, "preserve", False)}
-    return values.pop() if len(values) == 1 else (max(values) if values else None)
+    """The ``mix`` gate shared by the function-preserving sites of ``model`` (the largest if they differ;
+    None: there are none)."""
+    values = {float(m.mix) for m in preserving_sites(model).values()}
+    return max(values) if values else None
 
 
 @torch.no_grad()
@@ -303,7 +310,7 @@ def set_gate(model: nn.Module, value: float) -> int:
     """Set ``mix`` of every function-preserving GABFusion site in ``model``; returns how many."""
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"the normalization gate must be in [0, 1], got {value}")
-    sites = [m for m in model.modules() if isinstance(m, GABFusion) and getattr(m, "preserve", False)]
-    for m in sites:
+    sites = preserving_sites(model)
+    for m in sites.values():
         m.mix.fill_(value)
     return len(sites)

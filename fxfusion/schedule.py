@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fxfusion.gabfusion import GABFusion, set_gate
+from fxfusion.gabfusion import preserving_sites, set_gate
 
 __all__ = ["NormSchedule"]
 
@@ -54,8 +54,7 @@ class NormSchedule:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
         if ramp + taper > 1.0:
             raise ValueError(f"ramp + taper must be at most 1 (the whole run), got {ramp} + {taper}")
-        sites = [m for m in model.modules() if isinstance(m, GABFusion) and getattr(m, "preserve", False)]
-        if not sites:
+        if not preserving_sites(model):
             raise ValueError(f"{type(model).__name__} has no function-preserving GABFusion site: rewrite it with "
                              "fxfusion.rewrite(model, x) (init='preserve', the default) first")
         self.model, self.total_steps, self.peak = model, total_steps, peak

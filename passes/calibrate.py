@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from fxfusion.gabfusion import GABFusion
+from fxfusion.gabfusion import GABFusion, preserving_sites
 
 __all__ = ["calibration_batches", "calibrate_sites"]
 
@@ -49,7 +49,7 @@ def calibrate_sites(model: nn.Module, batches: list[tuple]) -> dict[str, dict[st
     in one pass: each sees its true inputs, because every site upstream returns the original
     fusion while its gate is closed.
     """
-    sites = {p: m for p, m in model.named_modules() if isinstance(m, GABFusion) and getattr(m, "preserve", False)}
+    sites = preserving_sites(model)
     if not sites:
         return {}
     acc = {p: _Moments() for p in sites}
@@ -83,13 +83,10 @@ def _inputs(inp: tuple) -> list[Tensor]:
 
 
 def _fused(m: GABFusion, inp: tuple, scaled: bool = True) -> Tensor:
-    """``fuse(α_i·x_i)`` (scaled) or the original ``fuse(x_i)``, with the site's own op and nesting."""
-    from fxfusion.gabfusion import _sum
-
+    """``fuse(α_i·x_i)`` (scaled) or the original ``fuse(x_i)`` of the inputs a site received."""
     xs = _inputs(inp)
     a = m.alpha().detach()
-    xs = [a[i] * x for i, x in enumerate(xs)] if scaled else xs
-    return torch.cat(xs, m.dim) if m.op == "cat" else _sum(xs, m.add_tree)
+    return m.fuse([a[i] * x for i, x in enumerate(xs)] if scaled else xs)
 
 
 class _Moments:
