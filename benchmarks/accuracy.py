@@ -38,7 +38,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, markdown_table, mean_std, print_table, pyplot, save_figure, write_results  # noqa: E402
-
 from qat_runs import DATASETS, Setup, Variant, load, run  # noqa: E402
 
 from fxfusion.demo.pipeline import DemoConfig  # noqa: E402

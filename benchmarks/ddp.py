@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     base, cpu_base = statistics.median(steps["1 process"]), statistics.median(cpu["1 process"])
     rows = []
-    for name, (world, use_ddp) in VARIANTS.items():
+    for name, (world, _use_ddp) in VARIANTS.items():
         median, cpu_median = statistics.median(steps[name]), statistics.median(cpu[name])
         rows.append({"variant": name, "processes": world, "ms/step": 1000 * median,
                      "vs 1 process": median / base, "images/s": world * config["batch"] / median,

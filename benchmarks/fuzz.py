@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from common import environment, markdown_table, write_results  # a sibling file: run as ``python benchmarks/fuzz.py``
 
 REPO = Path(__file__).resolve().parents[1]

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import cProfile
+import gc
 import io
 import json
 import os
@@ -52,13 +52,6 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
-from torch import Tensor, nn
-
-import fxfusion
-from fxfusion import zoo
-from fxfusion.passes.trace import trace_units
-from fxfusion.report import write_atomic
-
 from common import (  # a sibling file: run this script as ``python benchmarks/passes.py``
     Stopwatch,
     Timing,
@@ -69,6 +62,12 @@ from common import (  # a sibling file: run this script as ``python benchmarks/p
     run_rounds,
     write_results,
 )
+from torch import Tensor, nn
+
+import fxfusion
+from fxfusion import zoo
+from fxfusion.passes.trace import trace_units
+from fxfusion.report import write_atomic
 
 try:  # torch.ao.quantization is deprecated upstream (torchao); the peer column is skipped without it
     from torch.ao.quantization import get_default_qat_qconfig_mapping

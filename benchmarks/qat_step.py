@@ -4,7 +4,8 @@ One training step = forward + MSE to a fixed random target + backward + SGD step
 Variants, each on its own copy of the same YOLOv5-style zoo model:
 
 - ``float``: the zoo model as built (BatchNorm in train mode);
-- ``rewrite``: ``fxfusion.rewrite`` (a GABFusion subgraph at each of the 20 fusion sites);
+- ``rewrite``: ``fxfusion.rewrite`` (a GABFusion subgraph at each site it places: 13 of the 20,
+  those deploy folds exactly);
 - ``rewrite + <method>``: then ``fxfusion.quantize(..., method=<method>, w_bits=4, a_bits=4)`` for
   lsq, pact, dsq, n2uq and minmax (BatchNorm folded, fake quantizers on every conv).
 
@@ -42,8 +43,8 @@ from torch import Tensor, nn
 
 import fxfusion
 from fxfusion import zoo
-from fxfusion.passes.find import leaves
 from fxfusion.passes.rewrite import gabfusion_modules
+from fxfusion.passes.runtime import leaves
 from fxfusion.report import format_table, write_atomic
 
 METHODS = ("lsq", "pact", "dsq", "n2uq", "minmax")

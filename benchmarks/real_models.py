@@ -31,7 +31,7 @@ from common import environment, markdown_table, print_table, write_results  # no
 
 import fxfusion  # noqa: E402
 from fxfusion.gabfusion import set_gate  # noqa: E402
-from fxfusion.passes.find import leaves  # noqa: E402
+from fxfusion.passes.runtime import leaves  # noqa: E402
 from fxfusion.zoo.common import bn_stats_from  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

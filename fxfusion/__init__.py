@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from fxfusion.ada import ADALoss
 from fxfusion.balance import AlphaBalancer
+from fxfusion.deployed import DeployedFusion
 from fxfusion.gabfusion import GABFusion
+from fxfusion.passes.deploy import deploy
 from fxfusion.passes.export import export_onnx
-from fxfusion.passes.fold import deploy
 from fxfusion.passes.find import FusionReport, FusionSite, find_fusions
 from fxfusion.passes.quantize import quantize
 from fxfusion.passes.rewrite import rewrite
@@ -23,6 +24,7 @@ from fxfusion.schedule import NormSchedule
 __all__ = [
     "ADALoss",
     "AlphaBalancer",
+    "DeployedFusion",
     "FusionReport",
     "FusionSite",
     "GABFusion",

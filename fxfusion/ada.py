@@ -42,15 +42,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
 from fxfusion.gabfusion import GABFusion
+from fxfusion.passes.runtime import unwrap
 
 __all__ = [
     "ATTENTIONS",
     "DIVERGENCES",
     "ADALoss",
+    "detach_ada",
     "js_divergence",
     "kl_divergence",
     "qada_attention",
@@ -173,6 +174,12 @@ class ADALoss(nn.Module):
     ``forward(*inputs)`` runs the teacher (eval mode, ``torch.no_grad``) on the same inputs and
     compares its features with those the student produced in its most recent forward.
 
+    The hooks are small picklable objects: the student can be saved (``torch.save``, pickle) and
+    deep-copied (e.g. for an EMA) while ADA is attached. A copy's hooks are inert: cut off from
+    this loss, they return at once, so a copy's forwards never feed (or corrupt) the loss.
+    :meth:`remove` takes the hooks off both models; :func:`detach_ada` takes them, live or inert,
+    off any model, and :func:`fxfusion.deploy` calls it on the model it deploys.
+
     Args:
         student: the model being trained (may be wrapped in DistributedDataParallel/DataParallel;
             paths are resolved inside the wrapper).
@@ -240,7 +247,7 @@ class ADALoss(nn.Module):
         self.channel_dim = channel_dim
         # A tuple keeps both models out of nn.Module registration (no .to(), no state_dict).
         self._models = (student, teacher)
-        s_root, t_root = _unwrap(student), _unwrap(teacher)
+        s_root, t_root = unwrap(student), unwrap(teacher)
         self.sites: dict[str, str] = _resolve_sites(s_root, t_root, sites)
         auto = quantizers == "auto"
         if isinstance(quantizers, str) and not auto:
@@ -248,11 +255,12 @@ class ADALoss(nn.Module):
         self.site_quantizers: dict[str, nn.Module | None] = _resolve_quantizers(
             s_root, self.sites, quantizers if attention == "q-ada" and not auto else None
         )
+        self._store = _Store(self.site_quantizers)
         self._discovery: list[RemovableHandle] = []
         if attention == "q-ada" and auto:
             for m in s_root.modules():
                 if callable(getattr(m, "qparams", None)):
-                    self._discovery.append(m.register_forward_pre_hook(self._discover))
+                    self._discovery.append(m.register_forward_pre_hook(_Discover(self._store)))
             if not self._discovery:
                 self._warn_missing("the student has no module with qparams()")
         elif attention == "q-ada":
@@ -261,13 +269,11 @@ class ADALoss(nn.Module):
         for p in teacher.parameters():
             p.requires_grad_(False)
         s_modules, t_modules = dict(s_root.named_modules()), dict(t_root.named_modules())
-        self._student_feats: dict[str, Tensor] = {}
-        self._teacher_feats: dict[str, Tensor] = {}
         self._site_modules: dict[str, nn.Module] = {s: s_modules[s] for s in self.sites}
         self._handles: list[RemovableHandle] = []
         for s_path, t_path in self.sites.items():
-            self._handles.append(s_modules[s_path].register_forward_hook(_capture(self._student_feats, s_path)))
-            self._handles.append(t_modules[t_path].register_forward_hook(_capture(self._teacher_feats, s_path)))
+            self._handles.append(s_modules[s_path].register_forward_hook(_Capture(self._store, "student", s_path)))
+            self._handles.append(t_modules[t_path].register_forward_hook(_Capture(self._store, "teacher", s_path)))
         self._last: dict[str, Tensor] = {}
 
     @property
@@ -285,7 +291,8 @@ class ADALoss(nn.Module):
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Tensor:
         """Run the teacher on ``inputs`` and return ``weight · L_ADA`` against the last student run."""
-        not_run = [s for s in self.sites if s not in self._student_feats]
+        store = self._store
+        not_run = [s for s in self.sites if s not in store.student]
         if not_run:
             raise RuntimeError(
                 f"ADALoss: no student features for sites {not_run}: run the student forward on the "
@@ -296,14 +303,14 @@ class ADALoss(nn.Module):
                 h.remove()
             self._discovery.clear()
             self._warn_missing("no quantizer consumes the site output directly")
-        student_feats = dict(self._student_feats)
-        self._student_feats.clear()
-        self._teacher_feats.clear()
+        student_feats = dict(store.student)
+        store.student.clear()
+        store.teacher.clear()
         self.teacher.eval()
         with torch.no_grad():
             self.teacher(*inputs, **kwargs)
-        teacher_feats = dict(self._teacher_feats)
-        self._teacher_feats.clear()
+        teacher_feats = dict(store.teacher)
+        store.teacher.clear()
         missing = [s for s in self.sites if s not in teacher_feats]
         if missing:
             raise RuntimeError(f"ADALoss: the teacher's forward did not reach sites {missing} (teacher paths "
@@ -319,13 +326,6 @@ class ADALoss(nn.Module):
             h.remove()
         self._handles.clear()
         self._discovery.clear()
-
-    def _discover(self, module: nn.Module, args: tuple) -> None:
-        if not args or not isinstance(args[0], Tensor):
-            return
-        for site, feat in self._student_feats.items():
-            if self.site_quantizers[site] is None and args[0] is feat:
-                self.site_quantizers[site] = module  # the first consumer in execution order
 
     def _warn_missing(self, why: str) -> None:
         missing = [s for s, q in self.site_quantizers.items() if q is None]
@@ -379,20 +379,69 @@ class ADALoss(nn.Module):
                          "ADA needs (N, C, *spatial) or tokens (N, L, D)")
 
 
-def _capture(store: dict[str, Tensor], key: str):
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+def detach_ada(model: nn.Module) -> int:
+    """Remove every ADALoss hook (live, or inert in a copy) from ``model``; return how many.
+
+    A live ADALoss whose hooks are removed this way raises at its next call, as after :meth:`ADALoss.remove`.
+    """
+    removed = 0
+    for m in model.modules():
+        for hooks, extras in ((m._forward_hooks, (m._forward_hooks_with_kwargs, m._forward_hooks_always_called)),
+                              (m._forward_pre_hooks, (m._forward_pre_hooks_with_kwargs,))):
+            for hook_id in [i for i, h in hooks.items() if isinstance(h, _ADAHook)]:
+                del hooks[hook_id]
+                for extra in extras:
+                    extra.pop(hook_id, None)
+                removed += 1
+    return removed
+
+
+class _Store:
+    """One ADALoss's features of the current step, per site, and its site quantizers (filled by "auto")."""
+
+    def __init__(self, quantizers: dict[str, nn.Module | None]) -> None:
+        self.student: dict[str, Tensor] = {}
+        self.teacher: dict[str, Tensor] = {}
+        self.quantizers = quantizers
+
+
+class _ADAHook:
+    """Base of ADALoss's hooks. A copy (deepcopy, pickle) gets no store: it is inert and pickles small."""
+
+    store: _Store | None
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "store": None}
+
+
+class _Capture(_ADAHook):
+    """Forward hook: the site module's output goes to ``store.<side>[site]``."""
+
+    def __init__(self, store: _Store, side: str, site: str) -> None:
+        self.store, self.side, self.site = store, side, site
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.store is None:
+            return
         if not isinstance(output, Tensor):
-            raise TypeError(f"ADALoss site {key!r}: the module returned {type(output).__name__}, not a Tensor; "
-                            "choose a site whose output is one feature tensor")
-        store[key] = output
-
-    return hook
+            raise TypeError(f"ADALoss site {self.site!r}: the module returned {type(output).__name__}, not a "
+                            "Tensor; choose a site whose output is one feature tensor")
+        getattr(self.store, self.side)[self.site] = output
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
-        model = model.module
-    return model
+class _Discover(_ADAHook):
+    """Forward pre-hook (``quantizers="auto"``): a quantizer whose input is a site's output serves that site."""
+
+    def __init__(self, store: _Store) -> None:
+        self.store = store
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.store is None or not args or not isinstance(args[0], Tensor):
+            return
+        for site, feat in self.store.student.items():
+            if self.store.quantizers[site] is None and args[0] is feat:
+                self.store.quantizers[site] = module  # the first consumer in execution order
+
 
 
 def _resolve_sites(

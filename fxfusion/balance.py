@@ -30,9 +30,9 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from fxfusion.gabfusion import GABFusion
+from fxfusion.passes.runtime import unwrap
 
 __all__ = ["AlphaBalancer"]
 
@@ -82,7 +82,7 @@ class AlphaBalancer:
             raise ValueError(f"eta must be > 0, got {eta}")
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
-        root = _unwrap(model)
+        root = unwrap(model)
         self.modules: dict[str, GABFusion] = {
             n: m for n, m in root.named_modules() if isinstance(m, GABFusion) and m.alpha_mode == "balanced"
         }
@@ -194,8 +194,3 @@ def _resolve_tau(
         out[site] = t
     return out
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
-        model = model.module
-    return model

@@ -3,9 +3,11 @@
 Usage::
 
     fxfusion inspect MODEL [--input-shape 1,3,256,256] [--ops cat,add] [--json]
+    fxfusion yolo train|deploy key=value ...   (extra [ultralytics]; see fxfusion.integrations.ultralytics)
     fxfusion demo [--method lsq|pact|dsq|n2uq] [--bits 4] [--quick] [--out DIR] [--seed 0]
 
-``MODEL`` is a zoo name (``yolov5``, see ``fxfusion.zoo.ZOO``) or ``package.module:callable``,
+``MODEL`` is a zoo name (``yolov5``, see ``fxfusion.zoo.ZOO``), an Ultralytics model file
+(``yolov8n.yaml``, ``best.pt``) or ``package.module:callable``,
 a callable that takes no argument and returns an ``nn.Module`` (``fxfusion.zoo:yolov5`` is the
 zoo entry again). ``python -m fxfusion`` is the same program.
 
@@ -90,6 +92,17 @@ def _build_parser() -> _Parser:
     inspect.add_argument("--json", action="store_true", help="print the report as JSON only")
     inspect.set_defaults(run=_run_inspect)
 
+    yolo = sub.add_parser("yolo", help="GABFusion QAT in Ultralytics' own trainer, then deploy (extra [ultralytics])",
+                          description="QAT with GABFusion inside Ultralytics' trainer, and a deployed checkpoint and "
+                                      "QDQ ONNX that Ultralytics predicts with and validates. Arguments follow "
+                                      "Ultralytics' key=value style; any Ultralytics train argument is passed on.",
+                          epilog="fxfusion yolo train model=yolov8n.pt data=coco8.yaml method=lsq bits=4 ada=True "
+                                 "epochs=10 imgsz=640  |  fxfusion yolo deploy model=runs/detect/train/weights/last.pt "
+                                 "data=coco8.yaml [imgsz=640] [finetune=200]")
+    yolo.add_argument("action", choices=("train", "deploy"))
+    yolo.add_argument("options", nargs="*", metavar="KEY=VALUE", type=_key_value)
+    yolo.set_defaults(run=_run_yolo)
+
     demo = sub.add_parser("demo", help="the end-to-end demo: FP, QAT, GABFusion+ADA, deploy, ONNX, mAP",
                           description="Train a small YOLOv5 on synthetic shapes, compare QAT with and without "
                                       "GABFusion+ADA, deploy, export ONNX and score every stage.")
@@ -114,7 +127,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         report = find_fusions(model, x, ops=args.ops)
     except (ValueError, TypeError) as e:
         raise CliError(f"{label}: {e}") from e
-    plan = _plan(model, report)
+    plan = _plan(model, report, x)
     if args.json:
         _emit(dumps({"model": label, "class": type(model).__name__, "input_shape": list(shape),
                      "sites": report.sites, "refused": report.refused, "untraceable": report.untraceable,
@@ -126,15 +139,16 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(model: nn.Module, report: FusionReport) -> list[dict]:
-    """What rewrite does with the found sites, from a dry run on a copy of the model."""
+def _plan(model: nn.Module, report: FusionReport, x: torch.Tensor) -> list[dict]:
+    """What rewrite does with the found sites, from a dry run on a copy of the model (on ``x``, so
+    that rewrite checks how deploy would fold each site, as it does by default)."""
     refused: dict[str, str] = {}
     error = ""
     if report.sites:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                done = rewrite(copy.deepcopy(model), sites=report)
+                done = rewrite(copy.deepcopy(model), x, sites=report)
             refused = {r.where: r.reason for r in done.fxfusion_reports["rewrite"].refused}
         except Exception as e:  # noqa: BLE001 - shown in the plan; inspect itself must not fail on it
             error = f"rewrite failed: {type(e).__name__}: {e}"
@@ -155,6 +169,8 @@ def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...], str]:
         CliError: the module does not import, the attribute is missing or not callable, or the
             call fails or returns something other than an ``nn.Module``.
     """
+    if spec.endswith((".yaml", ".yml", ".pt")):
+        return _load_ultralytics(spec)
     module_name, sep, attr = spec.partition(":")
     if not sep:
         if spec in zoo.ZOO:
@@ -184,9 +200,47 @@ def load_model(spec: str) -> tuple[nn.Module, tuple[int, ...], str]:
     return model, (entry.input_shape if entry else _DEFAULT_SHAPE), spec
 
 
+def _load_ultralytics(spec: str) -> tuple[nn.Module, tuple[int, ...], str]:
+    """An Ultralytics model file (``yolov8n.yaml``, ``best.pt``): its network, at 640 px."""
+    try:
+        from fxfusion.integrations.ultralytics import load
+    except ImportError as e:  # its message names the extra to install
+        raise CliError(f"MODEL {spec!r} is an Ultralytics model file: {e}") from e
+    try:
+        return load(spec).model, (1, 3, 640, 640), spec
+    except Exception as e:  # noqa: BLE001 - a missing or foreign file, reported in one line
+        raise CliError(f"Ultralytics cannot load {spec!r}: {type(e).__name__}: {e}") from e
+
+
 def _build_zoo(name: str) -> tuple[nn.Module, tuple[int, ...], str]:
     torch.manual_seed(0)
     return zoo.build(name), zoo.ZOO[name].input_shape, name
+
+
+# --- yolo ------------------------------------------------------------------------------------
+
+def _key_value(token: str) -> tuple[str, str]:
+    key, sep, value = token.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{token!r} is not key=value (e.g. bits=4)")
+    return key, value
+
+
+def _run_yolo(args: argparse.Namespace) -> int:
+    try:
+        from fxfusion.integrations import ultralytics as fxu
+    except ImportError as e:
+        raise CliError(str(e)) from e
+    try:
+        options = fxu.parse_options(args.action, dict(args.options))
+    except (ValueError, TypeError) as e:
+        raise CliError(f"yolo {args.action}: {e}") from e
+    # failures inside the run are not argument errors: they keep their traceback
+    if args.action == "train":
+        _emit(f"fxfusion: trained checkpoint {fxu.train(**options)}")
+    else:
+        _emit(str(fxu.deploy(**options)))
+    return 0
 
 
 # --- demo ------------------------------------------------------------------------------------

@@ -36,10 +36,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GABFusion", "ALPHA_MODES", "NORMS", "gate_value", "preserving_sites", "set_gate"]
+__all__ = ["GABFusion", "ALPHA_MODES", "NORMS", "branches", "fuse", "gate_value", "preserving_sites", "set_gate"]
 
 ALPHA_MODES = ("learned", "balanced", "fixed")
-NORMS = ("layernorm", "samplenorm", "none")  # deploy adds "frozen": the per-channel affine A⊙h + B
+NORMS = ("layernorm", "samplenorm", "none")
 
 
 class GABFusion(nn.Module):
@@ -71,6 +71,9 @@ class GABFusion(nn.Module):
         >>> m(torch.randn(1, 2, 4, 4), torch.randn(1, 4, 4, 4)).shape
         torch.Size([1, 6, 4, 4])
     """
+
+    preserve = False  # class defaults: modules pickled before these options existed still load
+    add_tree = None
 
     def __init__(
         self,
@@ -143,40 +146,31 @@ class GABFusion(nn.Module):
         return self.fixed_alpha
 
     def forward(self, *xs: Tensor | Sequence[Tensor]) -> Tensor:
-        if len(xs) == 1 and isinstance(xs[0], (list, tuple)):
-            xs = tuple(xs[0])
+        xs = branches(xs)
         if len(xs) != self.num_branches:
             raise ValueError(f"GABFusion built for {self.num_branches} branches got {len(xs)} inputs")
-        a = self.alpha()
-        if hasattr(self, "pre_scale0"):  # an explicit deployed site: per-channel branch scales
-            xs = [x * self._along_dim(getattr(self, f"pre_scale{i}"), x.dim()) for i, x in enumerate(xs)]
-        scaled = [a[i] * x for i, x in enumerate(xs)]
         if self.alpha_mode == "balanced" and self.training and torch.is_grad_enabled():
-            self._record_energy(scaled, a)
-        h = self.fuse(scaled)
-        if getattr(self, "preserve", False) and self.norm != "frozen":
+            xs = self._record_energy(xs)
+        a = self.alpha()
+        h = self.fuse([a[i] * x for i, x in enumerate(xs)])
+        if self.preserve:
             plain = self.fuse(xs)
             return plain + self.mix * (self.normalize(h) - plain)
         return self.normalize(h)
 
     def fuse(self, xs: Sequence[Tensor]) -> Tensor:
         """The site's original op on ``xs``: cat along ``dim``, or the sum in its original nesting."""
-        return torch.cat(list(xs), self.dim) if self.op == "cat" else _sum(list(xs), getattr(self, "add_tree", None))
+        return fuse(self.op, list(xs), self.dim, self.add_tree)
 
     def gate_closed(self) -> bool:
         """True when this is a function-preserving site whose gate is shut: it computes the plain fusion."""
-        return getattr(self, "preserve", False) and self.norm != "frozen" and float(self.mix) == 0.0
+        return self.preserve and float(self.mix) == 0.0
 
     def normalize(self, h: Tensor) -> Tensor:
-        """Per-sample, per-position LayerNorm across ``self.dim`` (identity for norm='none';
-        the frozen per-channel affine ``A⊙h + B`` once :meth:`freeze` ran)."""
-        if self.norm == "none" and self.weight is None:
-            return h
-        if self.norm == "frozen":
-            return h * self._along_dim(self.frozen_scale, h.dim()) + self._along_dim(self.frozen_shift, h.dim())
-        if self.norm == "none":
-            out = h
-        else:
+        """Per-sample normalization of ``h`` (per position across ``dim`` for LayerNorm, over all
+        non-batch axes for samplenorm; none for norm='none'), then γ, β if the site has them."""
+        out = h
+        if self.norm != "none":
             axes = self.dim if self.norm == "layernorm" else tuple(range(1, h.dim()))
             mu = h.mean(axes, keepdim=True)
             var = h.var(axes, unbiased=False, keepdim=True)
@@ -184,43 +178,16 @@ class GABFusion(nn.Module):
         if self.weight is not None:
             shape = [1] * h.dim()
             shape[self.dim] = -1
-            out = out * self.weight.view(shape) + self.bias.view(shape)
+            out = out * self.gamma().view(shape) + self.bias.view(shape)
         return out
 
-    def freeze(self, scale: Tensor, shift: Tensor) -> None:
-        """Replace the LayerNorm by the fixed per-channel affine ``scale⊙h + shift`` (deploy)."""
-        self.register_buffer("frozen_scale", scale.detach().clone().float())
-        self.register_buffer("frozen_shift", shift.detach().clone().float())
-        if self.norm != "frozen":
-            self.train_norm = self.norm
-        self.norm = "frozen"
-
-    def frozen_affine(self) -> tuple[Tensor, Tensor]:
-        """The affine that replaces the normalization: per channel (A, B), including γ, β."""
-        return self.frozen_scale, self.frozen_shift
-
-    def make_plain(self) -> None:
-        """Become the bare fusion op (α = 1, no normalization): used once α and the affine are folded."""
-        names = ["log_alpha", "dual_logits", "energy_ema", "frozen_scale", "frozen_shift", "mix",
-                 *(f"pre_scale{i}" for i in range(self.num_branches))]
-        for name in names:
-            if hasattr(self, name):
-                delattr(self, name)
-        self.register_buffer("fixed_alpha", torch.ones(self.num_branches))
-        self.alpha_mode, self.norm = "fixed", "none"
-        self.weight = self.bias = None
-        self.preserve = False
-
-    def set_explicit(self, scales: list[Tensor] | None, shift: Tensor | None) -> None:
-        """Stay as an explicit deployed op: ``fuse(s_i ⊙ x_i) + shift`` (None: keep α and the frozen affine)."""
-        if scales is None:
-            return
-        self.make_plain()
-        for i, s in enumerate(scales):
-            self.register_buffer(f"pre_scale{i}", s.detach().clone().float())
-        self.register_buffer("frozen_scale", torch.ones_like(shift).float())
-        self.register_buffer("frozen_shift", shift.detach().clone().float())
-        self.norm = "frozen"
+    def gamma(self) -> Tensor | None:
+        """The per-channel scale γ the site applies. A function-preserving site keeps it positive
+        (at least sqrt(eps), where :meth:`calibrate` starts a constant channel): a γ pushed through 0
+        by training would flip that channel, and deploy could no longer fold it through a ReLU."""
+        if self.weight is None or not self.preserve:
+            return self.weight
+        return self.weight.clamp_min(self.eps ** 0.5)
 
     @torch.no_grad()
     def calibrate(self, mean: Tensor, std: Tensor) -> None:
@@ -231,7 +198,7 @@ class GABFusion(nn.Module):
         the per-position normalization is not a per-channel affine). The output at ``mix = 0``
         does not depend on it. With ``norm="none"`` nothing is needed (γ = 1/α is exact).
         """
-        if not getattr(self, "preserve", False):
+        if not self.preserve:
             raise RuntimeError("calibrate() is for GABFusion(preserve=True) sites")
         if self.norm == "none":
             return
@@ -252,30 +219,41 @@ class GABFusion(nn.Module):
             return a[0].expand(self.channels).clone()
         return torch.cat([a[i].expand(n) for i, n in enumerate(self.branch_channels)])
 
-    def _along_dim(self, v: Tensor, ndim: int) -> Tensor:
-        shape = [1] * ndim
-        shape[self.dim] = -1
-        return v.view(shape)
-
     def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .double() also move grad_energy
         super()._apply(fn, *args, **kwargs)
         self.grad_energy = fn(self.grad_energy)
         return self
 
-    def _record_energy(self, scaled: list[Tensor], a: Tensor) -> None:
-        # G_i = ||∂L/∂x_i|| = α_i·||∂L/∂(α_i x_i)||: a hook on the scaled branch suffices.
-        for i, t in enumerate(scaled):
-            if t.requires_grad:
-                t.register_hook(lambda g, i=i: self._add_energy(i, g, a))
+    def _record_energy(self, xs: list[Tensor]) -> list[Tensor]:
+        # G_i = ||∂L/∂x_i||, the whole gradient this site sends into branch i: through the normalized
+        # path and, for a gated site, through the plain fusion as well (at mix = 0 only the latter).
+        # A fresh view per branch, so that the hook sees this site's share only.
+        out = []
+        for i, x in enumerate(xs):
+            if x.requires_grad:
+                x = x.view_as(x)
+                x.register_hook(lambda g, i=i: self._add_energy(i, g))
+            out.append(x)
+        return out
 
-    def _add_energy(self, i: int, g: Tensor, a: Tensor) -> None:
-        self.grad_energy[i] += (a[i].detach() * g.detach()).pow(2).sum()
+    def _add_energy(self, i: int, g: Tensor) -> None:
+        self.grad_energy[i] += g.detach().pow(2).sum()
 
     def extra_repr(self) -> str:
         a = ", ".join(f"{v:.3g}" for v in self.alpha().detach().tolist())
-        gate = f", mix={float(self.mix):.3g}" if getattr(self, "preserve", False) else ""
+        gate = f", mix={float(self.mix):.3g}" if self.preserve else ""
         return (f"op={self.op}, branches={self.num_branches}, dim={self.dim}, alpha={self.alpha_mode}[{a}], "
                 f"norm={self.norm}, affine={self.weight is not None}{gate}")
+
+
+def branches(args: tuple) -> list[Tensor]:
+    """A site's branch tensors from its call arguments: ``site(a, b)`` or ``site([a, b])`` (YOLO's Concat)."""
+    return list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args)
+
+
+def fuse(op: str, xs: list[Tensor], dim: int, add_tree: tuple | None = None) -> Tensor:
+    """A site's original fusion: ``torch.cat(xs, dim)``, or the sum of ``xs`` in the nesting ``add_tree``."""
+    return torch.cat(xs, dim) if op == "cat" else _sum(xs, add_tree)
 
 
 def _sum(xs: list[Tensor], tree: tuple | None = None) -> Tensor:
@@ -295,7 +273,7 @@ def _sum_tree(xs: list[Tensor], tree: tuple | int) -> Tensor:
 
 def preserving_sites(model: nn.Module) -> dict[str, GABFusion]:
     """Every function-preserving (gated) GABFusion site of ``model``, by path."""
-    return {p: m for p, m in model.named_modules() if isinstance(m, GABFusion) and getattr(m, "preserve", False)}
+    return {p: m for p, m in model.named_modules() if isinstance(m, GABFusion) and m.preserve}
 
 
 def gate_value(model: nn.Module) -> float | None:

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from fxfusion.gabfusion import GABFusion
+from fxfusion.passes.runtime import unwrap
 
 __all__ = ["GradientProfile", "profile_gradients"]
 
@@ -152,7 +152,7 @@ def profile_gradients(
         ...                          sites=["model.12", "model.16"])  # doctest: +SKIP
         >>> prof.ratios                                                 # doctest: +SKIP
     """
-    root = _unwrap(model)
+    root = unwrap(model)
     modules = dict(root.named_modules())
     paths = _resolve_sites(root, modules, sites)
     # Per batch: site → branch → accumulated ||g||²; across batches: site → branch → [G_b].
@@ -271,11 +271,6 @@ def _resolve_sites(root: nn.Module, modules: dict[str, nn.Module], sites: Sequen
                          f" (close matches: {hints})")
     return list(dict.fromkeys(sites))
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
-        model = model.module
-    return model
 
 
 def _num(v: float) -> str:

@@ -4,8 +4,8 @@
 exactly the original fusion. The schedule opens it linearly over the first part of QAT, so the
 LayerNorm's effect on training arrives gradually instead of as a jump in the model's outputs,
 holds it, and can close it again over the last part ("taper", in the manner of TaperNorm,
-arXiv 2602.10408): at ``mix = 0`` the site is a per-channel affine, which ``deploy`` folds with no
-approximation at all::
+arXiv 2602.10408): at ``mix = 0`` the site computes the original fusion again, so ``deploy`` gives
+it back as the original op with nothing to fold and no approximation at all::
 
     mix
     peak ┤    ┌──────────────┐

@@ -1,1 +1,2 @@
-"""Graph passes of fxfusion (installed as ``fxfusion.passes``): trace, find, rewrite, quantize, fold, export."""
+"""Graph passes of fxfusion (installed as ``fxfusion.passes``): trace, find, rewrite, quantize, deploy
+(freeze, fold_plan, fold_apply), export, verify; dataflow holds the op facts they share."""

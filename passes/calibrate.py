@@ -19,13 +19,18 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from fxfusion.gabfusion import GABFusion, preserving_sites
+from fxfusion.gabfusion import GABFusion, branches, preserving_sites
 
 __all__ = ["calibration_batches", "calibrate_sites"]
 
 
 def calibration_batches(calib_data: Iterable, max_batches: int | None = None) -> list[tuple]:
-    """Materialize calibration inputs as a list of input tuples; refuse empty or non-finite data."""
+    """Materialize calibration inputs as a list of input tuples; refuse empty or non-finite data.
+
+    A tensor is one batch (as ``example_inputs`` is elsewhere), not a sequence of samples.
+    """
+    if isinstance(calib_data, Tensor):
+        calib_data = [calib_data]
     batches = []
     for i, batch in enumerate(calib_data):
         if max_batches is not None and i >= max_batches:
@@ -78,13 +83,9 @@ def calibrate_sites(model: nn.Module, batches: list[tuple]) -> dict[str, dict[st
     return {p: d.result() for p, d in dev.items()}
 
 
-def _inputs(inp: tuple) -> list[Tensor]:
-    return list(inp[0]) if len(inp) == 1 and isinstance(inp[0], (list, tuple)) else list(inp)
-
-
 def _fused(m: GABFusion, inp: tuple, scaled: bool = True) -> Tensor:
     """``fuse(α_i·x_i)`` (scaled) or the original ``fuse(x_i)`` of the inputs a site received."""
-    xs = _inputs(inp)
+    xs = branches(inp)
     a = m.alpha().detach()
     return m.fuse([a[i] * x for i, x in enumerate(xs)] if scaled else xs)
 

@@ -10,6 +10,11 @@ A *site* is a ``torch.cat``/``concat``/``concatenate`` or an add (``operator.add
    channels (dim 1 for conv/batch-norm, the last dim for linear/layer-norm);
 3. reaches a learnable layer before any model output (a detection head's final cat does not).
 
+An add whose every branch is a linear function of one tensor (RepConv, RepVGG: conv+BatchNorm,
+BatchNorm and identity branches of the same input) is refused as *re-parameterizable* unless
+``reparameterizable=True``: deploy-time re-parameterization merges those branches into one conv
+and bypasses the add, and a GABFusion there with it (:mod:`~fxfusion.passes.reparam`).
+
 Adds of equal-shaped operands only (a broadcasting add is a gate, not a branch fusion);
 an add whose only user is another site add is merged into it (``a + b + c`` is one
 3-branch site). Everything refused keeps its reason, so ``fxfusion inspect`` can say why.
@@ -24,26 +29,38 @@ its *owner*: the innermost module whose own forward performs the fusion, which i
 
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.immutable_collections import immutable_list
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxfusion.gabfusion import GABFusion
-from fxfusion.passes.trace import TracedUnit, Untraceable, trace_units
+from fxfusion.passes.consumers import mapped_axes, walk_consumers
+from fxfusion.passes.dataflow import feature_axis, layer_kind, node_op
+from fxfusion.passes.reparam import reparam_refusal
+from fxfusion.passes.runtime import (
+    compile_regex,
+    eval_mode,
+    failure_reason,
+    join,
+    leaves,
+    network,
+    normalize_inputs,
+    removing,
+    run_example,
+    tracked,
+)
+from fxfusion.passes.trace import FxTracer, TracedUnit, Untraceable, none_arguments, trace_module, trace_units
 from fxfusion.report import dumps, format_table
 
 __all__ = ["FusionReport", "FusionSite", "Refusal", "find_fusions", "fusion_kind", "fusion_ordinals", "OP_NAMES"]
 
-CAT_FNS = (torch.cat, torch.concat, torch.concatenate)
-ADD_FNS = (operator.add, operator.iadd, torch.add)
-ADD_METHODS = ("add", "add_")
 # Names accepted by the ``ops=`` filter.
 OP_NAMES = {"cat": "cat", "concat": "cat", "concatenate": "cat", "add": "add", "iadd": "add", "add_": "add"}
 
@@ -69,6 +86,7 @@ class FusionSite:
     consumers: tuple[str, ...]
     absorbed: tuple[int, ...] = ()
     owner_list_args: tuple[int | None, ...] = ()
+    owner_none_args: tuple[str, ...] = ()
 
     def row(self) -> dict:
         return {"site": self.name, "op": self.kind, "module": self.owner or "<root>", "class": self.owner_class,
@@ -128,6 +146,7 @@ def find_fusions(
     predicate: Callable[[FusionSite], bool] | None = None,
     concrete_args: dict | None = None,
     leaf_types: Iterable[type] = (),
+    reparameterizable: bool = False,
 ) -> FusionReport:
     """Find every feature-fusion node (cat or add of branches) in ``model``.
 
@@ -139,28 +158,32 @@ def find_fusions(
         include / exclude: regexes on the owner module path (``re.search``).
         predicate: a final ``site -> bool`` filter.
         concrete_args, leaf_types: passed to the tracer.
+        reparameterizable: also make sites of adds whose branches are all linear functions of one
+            input (RepConv, RepVGG). By default they are refused: a re-parameterization (Ultralytics'
+            ``fuse()``, timm's ``reparameterize``) merges the branches into one conv and drops the
+            add, and any GABFusion on it, so the fused model would no longer compute the trained one.
+            Set it only for a model that will be deployed without re-parameterizing; then rewrite
+            with ``rewrite(model, x, sites=find_fusions(model, x, reparameterizable=True))``.
 
     Returns:
         A :class:`FusionReport`; ``print`` it for a table, ``.to_json()`` for tools.
 
     Example:
-        >>> report = find_fusions(model, torch.randn(1, 3, 64, 64))
-        >>> print(report)
+        >>> from fxfusion.zoo import build
+        >>> report = find_fusions(build("resnet"), torch.randn(1, 3, 32, 32))
+        >>> len(report) > 0, report[0].kind
+        (True, 'add')
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"find_fusions expects a torch.nn.Module, got {type(model).__name__}")
+    model = network(model, "find_fusions")
     inputs = normalize_inputs(example_inputs)
     keep_ops = _check_ops(ops)
-    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    inc, exc = compile_regex(include, "include"), compile_regex(exclude, "exclude")
 
     traced = trace_units(model, concrete_args, leaf_types)
     report = FusionReport(untraceable=list(traced.untraceable))
     run = _run_example(model, traced.units, inputs)
     for unit in traced.units:
-        if unit.path not in run.unit_args:
-            report.refused.append(Refusal(unit.path, "module", "not executed on the example inputs; not examined"))
-            continue
-        _find_in_unit(model, unit, run, report)
+        _examine(model, unit, run, report, tuple(leaf_types), reparameterizable)
 
     filtered = []
     for site in report.sites:
@@ -173,20 +196,6 @@ def find_fusions(
     return report
 
 
-def normalize_inputs(example_inputs: Tensor | Sequence) -> tuple:
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)):
-        return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a Tensor or a tuple of inputs, got {type(example_inputs).__name__}")
-
-
-def describe_inputs(inputs: tuple) -> str:
-    """``(2, 3, 64, 64) float32, int`` for error messages: each input's shape and dtype (or type)."""
-    return ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" if isinstance(x, Tensor)
-                     else type(x).__name__ for x in inputs)
-
-
 # --- the example forward -------------------------------------------------------------------
 
 @dataclass
@@ -194,6 +203,7 @@ class _Run:
     unit_args: dict[str, tuple[tuple, dict]]
     unit_out_axes: dict[str, list[set[int]]]
     list_args: dict[str, tuple[int | None, ...]]
+    none_args: dict[str, set[str]]
 
 
 def _run_example(model: nn.Module, units: list[TracedUnit], inputs: tuple) -> _Run:
@@ -202,26 +212,31 @@ def _run_example(model: nn.Module, units: list[TracedUnit], inputs: tuple) -> _R
     out_fns: dict[str, list] = {}
     consumers: list[tuple[object, int]] = []
     handles = []
-    for unit in units:
-        if not unit.path:
-            continue
+    # every unit, and every module of the user's (a unit that fails is examined through its children)
+    watched = {u.path: u.module for u in units if u.path}
+    watched.update({p: m for p, m in model.named_modules() if p and not m.__module__.startswith("torch.nn")})
+    for path, module in watched.items():
 
-        def pre(m, args, kwargs, path=unit.path):
-            unit_args.setdefault(path, (args, kwargs))
+        def pre(m, args, kwargs, path=path):
+            # copies of list arguments: a caller may append to its list afterwards (timm's DenseBlock)
+            unit_args.setdefault(path, (tuple(list(a) if isinstance(a, list) else a for a in args), kwargs))
 
-        def post(m, args, out, path=unit.path):
+        def post(m, args, out, path=path):
             out_fns.setdefault(path, [getattr(t, "grad_fn", None) for t in leaves(out)])
 
-        handles.append(unit.module.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(unit.module.register_forward_hook(post))
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post))
     list_args: dict[str, tuple[int | None, ...]] = {}
+    none_args: dict[str, set[str]] = {}
     for path, m in model.named_modules():
         if not m.__module__.startswith("torch.nn"):
 
-            def record_lists(mod, args, path=path) -> None:
+            def record_call(mod, args, kwargs, path=path) -> None:
                 list_args.setdefault(path, tuple(len(a) if isinstance(a, (list, tuple)) else None for a in args))
+                nones = none_arguments(mod, args, kwargs)  # None in every call: see trace.none_arguments
+                none_args[path] = none_args[path] & nones if path in none_args else nones
 
-            handles.append(m.register_forward_pre_hook(record_lists))
+            handles.append(m.register_forward_pre_hook(record_call, with_kwargs=True))
         kind = layer_kind(m)
         if kind:
 
@@ -231,21 +246,8 @@ def _run_example(model: nn.Module, units: list[TracedUnit], inputs: tuple) -> _R
 
             handles.append(m.register_forward_pre_hook(record_consumer))
 
-    run_inputs = tuple(x.detach().clone().requires_grad_(True) if isinstance(x, Tensor) and x.is_floating_point()
-                       else x for x in inputs)
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.enable_grad():
-            model(*run_inputs)
-    except Exception as e:
-        raise ValueError(f"{type(model).__name__} failed on the example inputs ({describe_inputs(inputs)}): {e}. "
-                         "Pass inputs of the shape and dtype the model expects.") from e
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in modes.items():
-            m.training = t
+    with removing(handles):
+        run_example(model, tracked(inputs), grad=True)
     unit_args[""] = (inputs, {})  # the root unit (whole model traced) runs on the inputs
 
     reached: dict[object, set[int]] = {}
@@ -258,142 +260,16 @@ def _run_example(model: nn.Module, units: list[TracedUnit], inputs: tuple) -> _R
             reached[f].add(kind)
             stack.extend(nf for nf, _ in f.next_functions)
     axes = {p: [set(reached.get(f, ())) if f is not None else set() for f in fns] for p, fns in out_fns.items()}
-    return _Run(unit_args, axes, list_args)
-
-
-def leaves(obj) -> list:
-    """Flatten nested tuples/lists/dicts in order (same order for fx args and runtime values)."""
-    if isinstance(obj, (list, tuple)):
-        return [leaf for o in obj for leaf in leaves(o)]
-    if isinstance(obj, dict):
-        return [leaf for o in obj.values() for leaf in leaves(o)]
-    return [obj]
-
-
-# --- layer kinds ----------------------------------------------------------------------------
-
-_CHANNEL_LAYERS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
-                   nn.modules.instancenorm._InstanceNorm)
-_LAST_LAYERS = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention)
-_CHANNEL_FNS = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, F.batch_norm, F.group_norm)
-_LAST_FNS = (F.linear, F.layer_norm)
-
-
-def feature_axis(kind: str, ndim: int) -> int:
-    """The axis a layer of ``kind`` reads as features in an input of ``ndim`` dims."""
-    return 1 if kind == "channel" else ndim - 1
-
-
-def layer_kind(m: nn.Module) -> str | None:
-    """``"channel"`` (reads dim 1), ``"last"`` (reads the last dim) or None (not a learnable layer)."""
-    if isinstance(m, _CHANNEL_LAYERS):
-        return "channel"
-    if isinstance(m, _LAST_LAYERS):
-        return "last"
-    return None
-
-
-_TRANSPARENT_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
-    nn.Tanh, nn.Mish, nn.ELU, nn.Identity, nn.Upsample, nn.modules.dropout._DropoutNd,
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd, GABFusion,
-)
-_TRANSPARENT_FNS = {
-    F.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.mish, F.elu, F.dropout, F.interpolate,
-    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-    torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.cat, torch.concat, torch.concatenate,
-    torch.add, torch.mul, torch.sub, operator.add, operator.iadd, operator.mul, operator.sub, operator.truediv,
-    F.sigmoid if hasattr(F, "sigmoid") else torch.sigmoid,
-}
-_TRANSPARENT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "add", "add_", "mul", "mul_", "sub", "div",
-                        "contiguous", "clone", "float", "clamp", "clamp_"}
-
-
-def _consumer_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    if node.op == "call_module":
-        return layer_kind(modules[node.target])
-    if node.op == "call_function":
-        if node.target in _CHANNEL_FNS:
-            return "channel"
-        if node.target in _LAST_FNS:
-            return "last"
-    return None
-
-
-def _transparent(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Ops that keep the feature axis where it is, so the consumer walk may pass them."""
-    if node.op == "call_module":
-        m = modules[node.target]
-        if isinstance(m, nn.Flatten):
-            return m.start_dim == 1
-        return isinstance(m, _TRANSPARENT_MODULES) or hasattr(m, "qparams")
-    if _is_mean(node):
-        return _mean_keeps_features(node)
-    if _flattens_from(node) is not None:
-        return _flattens_from(node) == 1  # (N, C, ...) -> (N, C·...) keeps the feature axis at 1
-    if node.op == "call_function":
-        return node.target in _TRANSPARENT_FNS
-    if node.op == "call_method":
-        return node.target in _TRANSPARENT_METHODS
-    return False
-
-
-def _is_mean(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target is torch.mean) or (
-        node.op == "call_method" and node.target == "mean")
-
-
-def _mean_keeps_features(node: fx.Node) -> bool:
-    """Global pooling ``x.mean((2, 3))``: reducing only axes past 1 keeps the feature axis at 1."""
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if dims is None:
-        return False
-    dims = (dims,) if isinstance(dims, int) else tuple(dims)
-    meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
-    ndim = len(meta.shape) if hasattr(meta, "shape") else None
-    return ndim is not None and ndim > 2 and all(isinstance(d, int) and d % ndim >= 2 for d in dims)
-
-
-def _flattens_from(node: fx.Node) -> int | None:
-    if (node.op == "call_function" and node.target is torch.flatten) or (
-            node.op == "call_method" and node.target == "flatten"):
-        return node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-    return None
-
-
-def _walk_consumers(start: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[tuple[str, int]], list[fx.Node]]:
-    """Learnable layers reached through axis-preserving ops (with the axis they read as
-    features), and the nodes that hit the graph output."""
-    found, to_output, seen, queue = [], [], {start}, [start]
-    while queue:
-        cur = queue.pop(0)
-        for user in cur.users:
-            if user.op == "output":
-                to_output.append(cur)
-            elif (kind := _consumer_kind(user, modules)) is not None and hasattr(_meta(cur), "shape"):
-                found.append((_node_label(user), feature_axis(kind, len(_meta(cur).shape))))
-            elif _transparent(user, modules) and user not in seen:
-                seen.add(user)
-                queue.append(user)
-    return found, to_output
-
-
-def _node_label(node: fx.Node) -> str:
-    return str(node.target) if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
+    return _Run(unit_args, axes, list_args, none_args)
 
 
 # --- candidates and owners ------------------------------------------------------------------
 
 def fusion_kind(node: fx.Node) -> str | None:
-    """``"cat"``/``"add"`` when the node is syntactically a fusion op, else None."""
-    if node.op == "call_function":
-        if node.target in CAT_FNS:
-            return "cat"
-        if node.target in ADD_FNS:
-            return "add"
-    if node.op == "call_method" and node.target in ADD_METHODS:
-        return "add"
+    """``"cat"``/``"add"`` when the node is syntactically a fusion op (a function or method call), else None."""
+    if node.op in ("call_function", "call_method"):
+        op = node_op(node, {})
+        return op if op in ("cat", "add") else None
     return None
 
 
@@ -427,14 +303,44 @@ def cat_dim(node: fx.Node) -> int:
 
 
 def add_operands(node: fx.Node) -> list:
-    if node.op == "call_method":
-        return [node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")]
+    """The two operands of ``a + b``, ``torch.add(a, b)`` or ``a.add(b)`` (``other=`` as a keyword too)."""
     return [node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")]
 
 
 # --- per-unit analysis ----------------------------------------------------------------------
 
-def _find_in_unit(model: nn.Module, unit: TracedUnit, run: _Run, report: FusionReport) -> None:
+def _examine(model: nn.Module, unit: TracedUnit, run: _Run, report: FusionReport, leaf_types: tuple,
+             reparameterizable: bool) -> None:
+    """Find the sites of one unit. If fxfusion fails on it, that is its refusal, and its children
+    are examined as units of their own: one odd module never costs the sites around it."""
+    if unit.path not in run.unit_args:
+        report.refused.append(Refusal(unit.path, "module", "not executed on the example inputs; not examined"))
+        return
+    n_sites, n_refused = len(report.sites), len(report.refused)
+    try:
+        if unit.path and run.none_args.get(unit.path):  # the graph the model runs: None arguments fixed
+            concrete = dict.fromkeys(sorted(run.none_args[unit.path]))
+            unit = TracedUnit(unit.path, unit.module, trace_module(unit.module, FxTracer(leaf_types), concrete))
+        _find_in_unit(model, unit, run, report, leaf_types, reparameterizable)
+    except Exception as e:  # noqa: BLE001 - one module's failure is its refusal, never the whole report's
+        del report.sites[n_sites:], report.refused[n_refused:]
+        report.refused.append(Refusal(unit.path or "<root>", "module",
+                                      f"not examined as a whole: fxfusion failed on it ({failure_reason(e)}); "
+                                      "its submodules were examined one by one"))
+        for name, child in unit.module.named_children():
+            sub = trace_units(child, None, leaf_types)
+            for u in sub.untraceable:
+                entry = Untraceable(join(join(unit.path, name), u.path.replace("<root>", "")), u.cls, u.reason)
+                if entry not in report.untraceable:
+                    report.untraceable.append(entry)
+            for child_unit in sub.units:
+                path = join(join(unit.path, name), child_unit.path)
+                _examine(model, TracedUnit(path, child_unit.module, child_unit.graph_module), run, report,
+                         leaf_types, reparameterizable)
+
+
+def _find_in_unit(model: nn.Module, unit: TracedUnit, run: _Run, report: FusionReport, leaf_types: tuple,
+                  reparameterizable: bool) -> None:
     gm = unit.graph_module
     args, kwargs = run.unit_args[unit.path]
     _propagate_shapes(gm, args, kwargs)
@@ -449,7 +355,7 @@ def _find_in_unit(model: nn.Module, unit: TracedUnit, run: _Run, report: FusionR
         if node in absorbed:
             continue
         local_owner, index = ordinals[node]
-        owner = _join(unit.path, local_owner)
+        owner = join(unit.path, local_owner)
         where = f"{owner or '<root>'}:{node.name}"
         kind = fusion_kind(node)
         result = _check_candidate(node, kind, act, modules, unit, run, ordinals)
@@ -457,12 +363,16 @@ def _find_in_unit(model: nn.Module, unit: TracedUnit, run: _Run, report: FusionR
             report.refused.append(Refusal(where, kind, result))
             continue
         operands, axis, consumers, inner = result
-        absorbed.update(inner)
+        absorbed.update(inner)  # a refused chain too: one refusal for a 3-branch RepConv
+        why = None if kind == "cat" or reparameterizable else reparam_refusal(operands, modules, leaf_types)
+        if why:
+            report.refused.append(Refusal(where, kind, why))
+            continue
         shapes = tuple(_branch_shapes(operands))
         out_meta = _meta(node)
         owner_module = model.get_submodule(owner) if owner else model
         site = FusionSite(
-            name=_join(owner, f"gabfusion{index}"),
+            name=join(owner, f"gabfusion{index}"),
             kind=kind,
             owner=owner,
             owner_class=type(owner_module).__name__,
@@ -474,6 +384,7 @@ def _find_in_unit(model: nn.Module, unit: TracedUnit, run: _Run, report: FusionR
             consumers=tuple(consumers),
             absorbed=tuple(sorted(ordinals[n][1] for n in inner)),
             owner_list_args=run.list_args.get(owner, ()),
+            owner_none_args=tuple(sorted(run.none_args.get(owner, ()))),
         )
         found.append(site)
     report.sites += reversed(found)  # graph order (we walked backwards)
@@ -509,11 +420,13 @@ def _check_candidate(node, kind, act, modules, unit, run, ordinals):
             return "in-place add whose input is used again afterwards; rewriting would change its value"
         operands, inner = _merge_adds(node, act, ordinals)
 
-    found, to_output = _walk_consumers(node, modules)
+    found, to_output = walk_consumers(node, modules)
     axes = {a for _, a in found}
-    labels = [_join(unit.path, label) for label, _ in found]
-    for out_node in to_output:
+    labels = [join(unit.path, label) for label, _ in found]
+    for out_node, ids in to_output:
         outside = _outside_axes(unit, out_node, run)
+        if ids is not None:  # the values were moved on the way: which site axes do those layers read?
+            outside = {a for o in outside for a in mapped_axes(ids, o)}
         axes |= outside
         labels += [f"(a layer after {unit.path})"] if outside else []
     if not axes:
@@ -594,14 +507,27 @@ def _propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
             values.append(node.args[0])
         else:
             break
-    modes = {m: m.training for m in gm.modules()}
-    try:
-        gm.eval()
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*values)
-    finally:
-        for m, t in modes.items():
-            m.training = t
+    # ShapeProp prints the traceback of a failing node before raising: the caller reports it instead
+    with eval_mode(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        _ShapeProp(gm).propagate(*values)
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that also keeps small non-tensor results (sizes, ints) in ``meta["value"]``: the
+    consumer walk replays views with them (``x.view(b, g, c // g, h, w)``)."""
+
+    def call_module(self, target, args, kwargs):
+        # fx hands a node's list arguments over read-only; a module may write into its list (YOLO's
+        # Detect does ``x[i] = ...``), as it may in the model's own forward
+        args = tuple(list(a) if isinstance(a, immutable_list) else a for a in args)
+        return super().call_module(target, args, kwargs)
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, (int, float, bool, torch.Size)) or (
+                isinstance(result, (tuple, list)) and len(result) <= 8 and all(isinstance(v, int) for v in result)):
+            n.meta["value"] = result
+        return result
 
 
 # --- filters --------------------------------------------------------------------------------
@@ -617,15 +543,6 @@ def _check_ops(ops: Iterable[str] | None) -> set[str] | None:
     return {OP_NAMES[o] for o in ops}
 
 
-def _compile(pattern: str | None, what: str) -> re.Pattern | None:
-    if pattern is None:
-        return None
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"{what}={pattern!r} is not a valid regular expression: {e}") from e
-
-
 def _filtered_by(site, keep_ops, inc, exc, predicate) -> str:
     if keep_ops is not None and site.kind not in keep_ops:
         return "ops="
@@ -636,9 +553,3 @@ def _filtered_by(site, keep_ops, inc, exc, predicate) -> str:
     if predicate is not None and not predicate(site):
         return "predicate"
     return ""
-
-
-def _join(prefix: str, name: str) -> str:
-    if not prefix:
-        return name
-    return f"{prefix}.{name}" if name else prefix

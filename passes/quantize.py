@@ -18,13 +18,24 @@ Placement rules:
   (8 by default) for weights and inputs.
 - **BatchNorm** that directly follows a conv is folded into it *before* QAT
   (``W' = W·γ/σ``, ``b' = (b − μ)·γ/σ + β`` with the running statistics, via
-  ``torch.nn.utils.fusion.fuse_conv_bn_weights``) and replaced by ``nn.Identity``. So the
+  ``torch.nn.utils.fusion.fuse_conv_bn_weights``) and removed (``nn.Identity``, or the YOLO
+  blocks' own fused form: no ``bn``, ``forward = forward_fuse``). So the
   weights the QAT forward quantizes are exactly the weights that are deployed: there is no
   BN to fold afterwards and nothing to drift. The statistics are frozen from then on, as
   usual when QAT starts from a trained float model.
 - GABFusion modules get no quantizer; their outputs feed the quantized consumers.
+- Layers with a frozen weight (``requires_grad=False``, e.g. Ultralytics' DFL) stay float: QAT
+  would never train their step, and their fixed weights need not lie on a low-bit grid.
 - Skipped (``skip=`` regex on the path, ``skip_types=``) and unsupported learnable layers
-  (ConvTranspose, Conv3d, attention modules, ...) stay float and are listed in the report.
+  (ConvTranspose, Conv3d, attention modules, ...) stay float and are listed in the report, as do
+  layers whose forward the example forward never calls (a quantizer there would never run, e.g.
+  when the weight is read by a functional call such as Swin's ``F.linear(x, qkv.weight)``).
+
+Quantizers initialize lazily, on their first input (a real training batch, not the example
+input). Under ``torch.compile``, take that first step eagerly, then compile: the rewritten,
+quantized model with ADA, AlphaBalancer and NormSchedule then compiles to one graph with no graph
+break, and the moving gate does not recompile it (``tests/test_compile.py``). Initializing inside
+the compiled step breaks the graph at every quantizer.
 
 Order: rewrite, then quantize. A quantized model refuses a later rewrite (the LayerNorm
 would change the sign of consumer inputs whose quantizers were already chosen).
@@ -33,23 +44,32 @@ would change the sign of consumer inputs whose quantizers were already chosen).
 from __future__ import annotations
 
 import copy
-import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from fxfusion.passes.find import describe_inputs, leaves, normalize_inputs
+from fxfusion.passes.dataflow import nonneg
+from fxfusion.passes.runtime import (
+    compile_regex,
+    join,
+    leaves,
+    network,
+    normalize_inputs,
+    removing,
+    run_example,
+    set_submodule,
+    tracked,
+)
 from fxfusion.passes.trace import trace_units
 from fxfusion.quant import QUANTIZERS, check_bits, make_quantizer
 from fxfusion.quant.layers import QUANT_LAYERS, is_quantized, to_quantized
 from fxfusion.report import format_table
 
-__all__ = ["QuantizeReport", "quantize", "QuantizerFactory"]
+__all__ = ["QuantizeReport", "QuantizerFactory", "fold_batchnorms", "quantize"]
 
 # factory(bits=, role="weight"|"act", signed=, channels=, axis=) -> a QuantizerProtocol module
 QuantizerFactory = Callable[..., nn.Module]
@@ -111,15 +131,18 @@ def quantize(
         The QAT model; its report is ``model.fxfusion_reports["quantize"]``.
 
     Example:
-        >>> qat = fxfusion.quantize(fxfusion.rewrite(model, x), x, method="lsq", w_bits=4, a_bits=4)
+        >>> from fxfusion.zoo import build
+        >>> qat = fxfusion.quantize(fxfusion.rewrite(build("resnet"), x), x, method="lsq", w_bits=4, a_bits=4)
+        >>> layer = qat.fxfusion_reports["quantize"].layers[1]
+        >>> layer["w_bits"], layer["a_bits"]
+        (4, 4)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
+    model = network(model, "quantize", edits=True)
     factory = _factory(method)
     w_bits, a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
     if first_last_bits is not None:
         first_last_bits = check_bits(first_last_bits, "first_last_bits")
-    pattern = _compile_skip(skip)
+    pattern = compile_regex(skip, "skip")
     skip_types = tuple(skip_types)
     already = [n for n, m in model.named_modules() if is_quantized(m)]
     if already:
@@ -129,7 +152,7 @@ def quantize(
     if not inplace:
         model = copy.deepcopy(model)
 
-    bn_folded = _fold_batchnorms(model) if fold_bn else []
+    bn_folded = fold_batchnorms(model) if fold_bn else []
     facts = _observe(model, inputs)
     layers, float_layers, skip_hits = [], [], 0
     for path, layer in list(model.named_modules()):
@@ -143,15 +166,23 @@ def quantize(
             skip_hits += by_pattern  # only regex hits count: a regex that matches nothing must warn
             float_layers.append({"layer": path, "type": type(layer).__name__, "reason": "skipped on request"})
             continue
+        if not layer.weight.requires_grad:  # e.g. Ultralytics' DFL conv: fixed 0..15 weights, never trained
+            float_layers.append({"layer": path, "type": type(layer).__name__,
+                                 "reason": "its weight is frozen (requires_grad=False): QAT cannot adapt it to a grid"})
+            continue
+        if path not in facts.seen:  # e.g. Swin's attention reads qkv.weight in F.linear: a quantizer never runs
+            float_layers.append({"layer": path, "type": type(layer).__name__,
+                                 "reason": "its forward is not called by the example forward (unused, or its weight "
+                                           "is read by a functional call that a quantizer would not see)"})
+            continue
         role = "first" if path in facts.first else "last" if path in facts.last else ""
         wb, ab = (first_last_bits, first_last_bits) if role and first_last_bits else (w_bits, a_bits)
         unsigned = facts.nonneg.get(path, False)
         wq = factory(bits=wb, role="weight", signed=True, channels=layer.weight.shape[0], axis=0)
         aq = factory(bits=ab, role="act", signed=not unsigned, channels=None, axis=None)
-        _set(model, path, to_quantized(layer, wq, aq))
+        set_submodule(model, path, to_quantized(layer, wq, aq))
         layers.append({"layer": path, "type": type(layer).__name__, "w_bits": wb, "a_bits": ab,
-                       "input": "unsigned" if unsigned else "signed", "role": role or "-",
-                       "note": "" if path in facts.seen else "not run by the example forward"})
+                       "input": "unsigned" if unsigned else "signed", "role": role or "-"})
     if skip and not skip_hits:
         warnings.warn(f"quantize: skip={skip!r} matched no Conv/Linear layer", stacklevel=2)
     model.__dict__.setdefault("fxfusion_reports", {})["quantize"] = QuantizeReport(layers, bn_folded, float_layers)
@@ -167,23 +198,9 @@ def _factory(method: str | QuantizerFactory) -> QuantizerFactory:
     return lambda **kw: make_quantizer(method, **kw)
 
 
-def _compile_skip(skip: str | None) -> re.Pattern | None:
-    if skip is None:
-        return None
-    try:
-        return re.compile(skip)
-    except re.error as e:
-        raise ValueError(f"skip={skip!r} is not a valid regular expression: {e}") from e
-
-
-def _set(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, new)
-
-
 # --- BatchNorm folding ----------------------------------------------------------------------
 
-def _fold_batchnorms(model: nn.Module) -> list[str]:
+def fold_batchnorms(model: nn.Module) -> list[str]:
     """Fold every BatchNorm whose only input is a conv used by nothing else."""
     folded = []
     for unit in trace_units(model).units:
@@ -192,17 +209,35 @@ def _fold_batchnorms(model: nn.Module) -> list[str]:
             if not _is_conv_bn(node, modules):
                 continue
             conv_node = node.args[0]
-            conv_path = _join(unit.path, conv_node.target)
-            bn_path = _join(unit.path, node.target)
+            conv_path = join(unit.path, conv_node.target)
+            bn_path = join(unit.path, node.target)
             conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
             if not bn.track_running_stats or bn.running_mean is None:
                 continue
             w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
                                         bn.weight, bn.bias)
             conv.weight, conv.bias = w, b
-            _set(model, bn_path, nn.Identity())
+            _drop_folded_bn(model, bn_path)
             folded.append(bn_path)
     return folded
+
+
+def _drop_folded_bn(model: nn.Module, bn_path: str) -> None:
+    """Remove a BatchNorm that was folded into its conv, the way the owner's framework would.
+
+    The YOLO convention (YOLOv5, Ultralytics): a block with a ``bn`` child and a ``forward_fuse``
+    method is fused by deleting ``bn`` and setting ``forward = forward_fuse``; their ``fuse()``
+    skips a block in that state and refuses one whose ``bn`` is anything else. Such a block gets
+    exactly that state, so ``model.fuse()`` (called by Ultralytics' predict, val and export) leaves
+    the quantized conv alone. Any other BatchNorm becomes ``nn.Identity``.
+    """
+    parent_path, _, name = bn_path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    if name == "bn" and callable(getattr(type(parent), "forward_fuse", None)):
+        delattr(parent, "bn")
+        parent.forward = parent.forward_fuse
+    else:
+        set_submodule(model, bn_path, nn.Identity())
 
 
 def _is_conv_bn(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -224,8 +259,7 @@ class _Facts:
 
 
 def _observe(model: nn.Module, inputs: tuple) -> _Facts:
-    run_inputs = tuple(x.detach().clone().requires_grad_(True) if isinstance(x, Tensor) and x.is_floating_point()
-                       else x for x in inputs)
+    run_inputs = tracked(inputs)
     input_ids = {id(x) for x in run_inputs if isinstance(x, Tensor)}
     first, seen, in_fns, out_fns, handles = set(), set(), {}, {}, []
     for path, m in model.named_modules():
@@ -244,23 +278,12 @@ def _observe(model: nn.Module, inputs: tuple) -> _Facts:
                 out_fns.setdefault(out.grad_fn, path)
 
         handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.enable_grad():
-            outputs = model(*run_inputs)
-    except Exception as e:
-        raise ValueError(f"{type(model).__name__} failed on the example inputs ({describe_inputs(inputs)}): {e}. "
-                         "Pass inputs of the shape and dtype the model expects.") from e
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in modes.items():
-            m.training = t
+    with removing(handles):
+        outputs = run_example(model, run_inputs, grad=True)
     last = _last_layers(outputs, out_fns)
     memo: dict = {}
-    nonneg = {p: _nonneg(fn, memo, 0) for p, fn in in_fns.items()}
-    return _Facts(first, last, nonneg, seen)
+    nonneg_inputs = {p: nonneg(fn, memo) for p, fn in in_fns.items()}
+    return _Facts(first, last, nonneg_inputs, seen)
 
 
 def _last_layers(outputs, out_fns: dict) -> set[str]:
@@ -276,48 +299,3 @@ def _last_layers(outputs, out_fns: dict) -> set[str]:
             continue
         stack.extend(f for f, _ in fn.next_functions)
     return last
-
-
-_NONNEG_SOURCES = {"ReluBackward0", "ReluBackward1", "SigmoidBackward0", "HardsigmoidBackward0",
-                   "SoftmaxBackward0", "AbsBackward0", "ExpBackward0"}
-_NONNEG_PRESERVING = {
-    "MaxPool2DWithIndicesBackward0", "MaxPool1DWithIndicesBackward0", "AvgPool2DBackward0", "AvgPool1DBackward0",
-    "AdaptiveAvgPool2DBackward0", "AdaptiveMaxPool2DBackward0", "UpsampleNearest2DBackward0",
-    "UpsampleBilinear2DBackward0", "UpsampleNearest1DBackward0", "CatBackward0", "AddBackward0", "MulBackward0",
-    "CloneBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "PermuteBackward0",
-    "TransposeBackward0", "SliceBackward0", "SelectBackward0", "ExpandBackward0", "SqueezeBackward0",
-    "SqueezeBackward1", "UnsqueezeBackward0", "MeanBackward0", "MeanBackward1", "SumBackward0", "SumBackward1",
-    "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0", "ToCopyBackward0",
-}
-
-
-def _nonneg(fn, memo: dict, depth: int) -> bool:
-    """Is the tensor produced by autograd node ``fn`` non-negative by construction?"""
-    if fn is None or depth > 64:
-        return False
-    if fn in memo:
-        return memo[fn]
-    name = type(fn).__name__
-    if name in _NONNEG_SOURCES:
-        result = True
-    elif name == "HardtanhBackward0":  # ReLU6: hardtanh(0, 6)
-        result = float(getattr(fn, "_saved_min_val", -1.0)) >= 0
-    elif name in ("ClampMinBackward0", "ClampBackward1"):
-        lo = getattr(fn, "_saved_min", None)
-        result = lo is not None and float(lo) >= 0
-    elif name in _NONNEG_PRESERVING:
-        parents = [f for f, _ in fn.next_functions]
-        # a python-scalar operand leaves no parent: its sign is unknown, except for mean/view-like ops
-        if name in ("AddBackward0", "MulBackward0") and (len(parents) < 2 or any(p is None for p in parents)):
-            result = False
-        else:
-            result = all(_nonneg(p, memo, depth + 1) for p in parents if p is not None) and any(
-                p is not None for p in parents)
-    else:
-        result = False
-    memo[fn] = result
-    return result
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name

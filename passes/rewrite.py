@@ -33,8 +33,9 @@ from torch.package import sys_importer
 
 from fxfusion.gabfusion import ALPHA_MODES, NORMS, GABFusion
 from fxfusion.passes.calibrate import calibrate_sites, calibration_batches
-from fxfusion.passes.find import (FusionReport, FusionSite, Refusal, find_fusions, fusion_kind, fusion_ordinals,
-                                  normalize_inputs)
+from fxfusion.passes.find import FusionReport, FusionSite, Refusal, find_fusions, fusion_kind, fusion_ordinals
+from fxfusion.passes.foldability import FOLDS, predict_folds, verdict
+from fxfusion.passes.runtime import failure_reason, network, normalize_inputs
 from fxfusion.passes.trace import shallow_trace
 from fxfusion.quant.layers import is_quantized
 from fxfusion.report import format_table
@@ -75,6 +76,7 @@ def rewrite(
     norm: str = "layernorm",
     affine: bool = False,
     eps: float = 1e-5,
+    fold: str = "exact",
     inplace: bool = False,
     concrete_args: dict | None = None,
     leaf_types: Iterable[type] = (),
@@ -101,6 +103,13 @@ def rewrite(
         norm: ``"layernorm"`` (default: per position across channels, the paper's axis),
             ``"samplenorm"`` (per sample over channels and positions) or ``"none"`` (α only).
         affine, eps: the LayerNorm's options.
+        fold: which sites to place, by how deploy would fold them if their gate is still open then
+            (:mod:`~fxfusion.passes.foldability`; checked on the example inputs or the first
+            calibration batch): ``"exact"`` (default: only sites deploy folds exactly, so the
+            deployed model has the original topology and computes what the trained one did),
+            ``"approximate"`` (also sites folded with a measured approximation at zero-padded
+            borders) or ``"any"`` (every site; one without an exact fold stays an explicit
+            per-channel op after deploy). The others are listed in the report with the reason.
         inplace: edit ``model`` itself instead of a deep copy.
 
     Returns:
@@ -110,11 +119,16 @@ def rewrite(
         will show with the gate fully open.
 
     Example:
-        >>> qat_model = fxfusion.rewrite(model, torch.randn(1, 3, 256, 256))
-        >>> print(qat_model.fxfusion_reports["rewrite"])
+        >>> from fxfusion.zoo import build
+        >>> model = build("resnet").eval()
+        >>> rewritten = fxfusion.rewrite(model, x)
+        >>> placed = rewritten.fxfusion_reports["rewrite"].placed
+        >>> placed[0]["op"], placed[0]["max |Δ| now"]
+        ('add', '0')
+        >>> torch.equal(rewritten.eval()(x), model(x))  # function-preserving until the gate opens
+        True
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"rewrite expects a torch.nn.Module, got {type(model).__name__}")
+    model = network(model, "rewrite", edits=True)
     if alpha not in ALPHA_MODES:
         raise ValueError(f"alpha={alpha!r} is not one of {ALPHA_MODES}")
     if norm not in NORMS:
@@ -131,29 +145,19 @@ def rewrite(
         found = find_fusions(model, example_inputs, concrete_args=concrete_args, leaf_types=leaf_types)
     else:
         found = sites if isinstance(sites, FusionReport) else FusionReport(sites=list(sites))
+    if fold not in FOLDS:
+        raise ValueError(f"fold={fold!r} is not one of {tuple(FOLDS)}")
     if not inplace:
         model = copy.deepcopy(model)
 
-    by_owner: dict[str, list[FusionSite]] = defaultdict(list)
-    for site in found.sites:
-        by_owner[site.owner].append(site)
-    placed: list[dict] = []
-    refused: list[Refusal] = []
     options = dict(alpha=alpha, alpha_init=alpha_init, norm=norm, affine=affine, eps=eps,
                    preserve=init == "preserve")
-    for owner, owner_sites in by_owner.items():
-        try:
-            owner_module = model.get_submodule(owner) if owner else model
-        except AttributeError:
-            refused += [Refusal(s.name, s.kind, f"module {owner!r} not found in this model") for s in owner_sites]
-            continue
-        try:
-            placed += _rewrite_owner(owner, owner_module, owner_sites, options, leaf_types)
-        except _SiteMismatch as e:
-            refused += [Refusal(s.name, s.kind, str(e)) for s in owner_sites]
-        except Exception as e:  # noqa: BLE001 - reported per site; the owner keeps its original forward
-            refused += [Refusal(s.name, s.kind, f"owner {type(owner_module).__name__} could not be re-traced: "
-                                f"{type(e).__name__}: {e}") for s in owner_sites]
+    batch = _first_batch(calib_data, example_inputs)
+    chosen, refused, folds = _foldable(model, found.sites, fold, batch, options, leaf_types)
+    placed, not_placed = _place(model, chosen, options, leaf_types)
+    refused += not_placed
+    for row in placed:
+        row["deploy"] = folds.get(row["site"], "not checked")
 
     if not placed:
         why = [f"{len(refused)} refused, see the report"] if refused else []
@@ -172,7 +176,7 @@ def rewrite(
             row.pop("path")
             row.update({"max |Δ| now": "0", "rel. L2 at mix=1": "not calibrated"})
     elif placed and init == "preserve":
-        batches = calibration_batches(calib_data if calib_data is not None else [normalize_inputs(example_inputs)])
+        batches = calibration_batches(calib_data if calib_data is not None else [batch])
         deviation = calibrate_sites(model, batches)
         for row in placed:
             row.update({k: f"{v:.2g}" for k, v in deviation.get(row.pop("path"), {}).items()})
@@ -188,9 +192,76 @@ class _SiteMismatch(RuntimeError):
     pass
 
 
+def _first_batch(calib_data: Iterable | None, example_inputs) -> tuple | None:
+    if calib_data is not None:
+        return calibration_batches(calib_data, 1)[0]
+    return normalize_inputs(example_inputs) if example_inputs is not None else None
+
+
+def _foldable(model: nn.Module, sites: list[FusionSite], fold: str, batch: tuple | None, options: dict,
+              leaf_types: Iterable[type]) -> tuple[list[FusionSite], list[Refusal], dict[str, str]]:
+    """The sites deploy can fold as ``fold`` asks (decided on a scratch copy), the others refused,
+    and per site how deploy will fold it."""
+    if not sites or batch is None:
+        if sites and fold != "any":
+            warnings.warn("rewrite: no example_inputs or calib_data, so whether deploy can fold each site was not "
+                          "checked; every site is placed", stacklevel=3)
+        return sites, [], {}
+    allowed = {"exact": ("exact",), "approximate": ("exact", "approximate"), "any": ("exact", "approximate",
+                                                                                       "explicit")}[fold]
+    keep, refused, folds = list(sites), [], {}
+    while True:  # a site's fold can depend on its neighbours being sites too: repeat until none drops
+        scratch = copy.deepcopy(model)
+        placed, _ = _place(scratch, keep, options, leaf_types)
+        path_of = {row["site"]: row["path"] for row in placed}
+        try:
+            decisions = predict_folds(scratch, batch)
+        except Exception as e:  # noqa: BLE001 - a failed prediction must not lose the sites: place them, say so
+            warnings.warn(f"rewrite: could not predict how deploy folds the sites ({failure_reason(e)}); every "
+                          "site is placed", stacklevel=3)
+            return sites, [], {}
+        dropped = []
+        for site in keep:
+            d = decisions.get(path_of.get(site.name, ""))
+            kind = verdict(d)
+            how = f"{kind}: {d.target}" if d is not None else "explicit: the site did not run on the example inputs"
+            folds[site.name] = how + (f" ({d.note})" if d is not None and d.note else "")
+            if kind not in allowed:
+                dropped.append(site)
+                refused.append(Refusal(site.name, site.kind, f"not placed: deploy could not fold it {FOLDS[fold]} "
+                                       f"({folds[site.name]}); pass fold='any' to place it anyway"))
+        if not dropped:
+            return keep, refused, folds
+        keep = [s for s in keep if s not in dropped]
+
+
+def _place(model: nn.Module, sites: list[FusionSite], options: dict,
+           leaf_types: Iterable[type]) -> tuple[list[dict], list[Refusal]]:
+    """Put a GABFusion module at each site, owner by owner; a failing owner keeps its forward."""
+    by_owner: dict[str, list[FusionSite]] = defaultdict(list)
+    for site in sites:
+        by_owner[site.owner].append(site)
+    placed: list[dict] = []
+    refused: list[Refusal] = []
+    for owner, owner_sites in by_owner.items():
+        try:
+            owner_module = model.get_submodule(owner) if owner else model
+        except AttributeError:
+            refused += [Refusal(s.name, s.kind, f"module {owner!r} not found in this model") for s in owner_sites]
+            continue
+        try:
+            placed += _rewrite_owner(owner, owner_module, owner_sites, options, leaf_types)
+        except _SiteMismatch as e:
+            refused += [Refusal(s.name, s.kind, str(e)) for s in owner_sites]
+        except Exception as e:  # noqa: BLE001 - reported per site; the owner keeps its original forward
+            refused += [Refusal(s.name, s.kind, f"owner {type(owner_module).__name__} could not be re-traced: "
+                                f"{failure_reason(e)}") for s in owner_sites]
+    return placed, refused
+
+
 def _rewrite_owner(owner: str, module: nn.Module, sites: list[FusionSite], options: dict,
                    leaf_types: Iterable[type]) -> list[dict]:
-    graph = shallow_trace(module, leaf_types, sites[0].owner_list_args)
+    graph = shallow_trace(module, leaf_types, sites[0].owner_list_args, sites[0].owner_none_args)
     ordinals = fusion_ordinals(graph)
     by_index = {idx: n for n, (o, idx) in ordinals.items() if o == ""}
     count = len(by_index)

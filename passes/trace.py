@@ -7,29 +7,57 @@ that can be traced on its own. Containers (Sequential, ModuleList, ModuleDict) a
 units: parents iterate and index them, so we only look inside. Everything that could not
 be traced is reported with its path, class and reason, never skipped silently.
 
-A module whose forward reads ``self.training`` is traced in both modes; if the two graphs
-differ it is reported as mode-dependent and its children are traced instead.
+Mode-dependent children. A module whose *own* forward (or a method of its own class that the
+forward calls) reads ``self.training`` -- timm's ``DropPath`` and ``BatchNormAct2d``, torchvision's
+``StochasticDepth`` -- is kept as one ``call_module`` leaf in its parent's graph: it runs as it is,
+in whatever mode the model is in, so the parent traces and its own cats and adds are examined.
+Each such leaf is then tried as a unit of its own, like any other subtree. A unit is traced in
+both modes when its own forward reads ``training`` (or when a traced-through forward's source
+cannot be read); if the two graphs differ it is refused as mode-dependent
+(:class:`ModeDependentError`) and its children are traced instead. A mode-dependent module whose
+graphs join no two values (no cat, no add of two graph values: a ``DropPath``) holds nothing to
+examine and is not listed.
+
+Iterating a proxy. ``list(x.chunk(2, 1))`` (Ultralytics' C2f) makes plain torch.fx raise "Proxy
+object cannot be iterated". In :class:`FxTracer` the result of ``chunk``/``torch.chunk`` with a
+constant count, and of ``split``/``torch.split`` with a list of sizes, has a length and iterates
+as its pieces (``getitem`` nodes: the graph of ``a, b = x.chunk(2, 1)``); any other proxy still
+refuses to be iterated.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import functools
 import inspect
-from collections.abc import Iterable, Sequence
+import textwrap
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch import nn
 
+from fxfusion.deployed import DeployedFusion
 from fxfusion.gabfusion import GABFusion
+from fxfusion.passes.dataflow import node_op
+from fxfusion.passes.runtime import failure_reason, join
 from fxfusion.quant.layers import QUANT_LAYERS
 
 __all__ = [
     "CONTAINERS",
     "FxTracer",
+    "ModeDependentError",
     "TraceResult",
     "TracedUnit",
     "Untraceable",
+    "instance_forward",
+    "keeping_state",
+    "mode_leaves",
+    "none_arguments",
+    "piece_count",
+    "reads_training",
     "register_leaf",
     "shallow_trace",
     "trace_units",
@@ -37,9 +65,9 @@ __all__ = [
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
-# Module classes that passes must see as single calls (our own modules). Extended by
-# the quantize pass for its quantized layers.
-_LEAF_TYPES: list[type] = [GABFusion, *QUANT_LAYERS.values()]
+# Module classes that passes must see as single calls: our own fusion modules and quantized layers
+# (their forwards are ours and hold no fusion of the user's). register_leaf adds more.
+_LEAF_TYPES: list[type] = [GABFusion, DeployedFusion, *QUANT_LAYERS.values()]
 
 
 def register_leaf(cls: type) -> type:
@@ -77,7 +105,12 @@ class FxTracer(fx.Tracer):
     """torch.fx tracer with our leaves; ``shallow=True`` also keeps every child as a leaf.
 
     A shallow trace records only the traced module's own forward: children become
-    ``call_module`` nodes (containers are looked through, since parents index them).
+    ``call_module`` nodes (containers are looked through, since parents index them). A deep
+    trace keeps torch.nn layers, our own modules and ``leaf_types`` as leaves (:meth:`is_opaque`),
+    and also every child whose own forward reads ``self.training`` (:func:`reads_training`).
+
+    The result of a ``chunk``/``split`` whose piece count its arguments fix (:func:`piece_count`)
+    has a length and can be iterated.
     """
 
     def __init__(self, leaf_types: Iterable[type] = (), shallow: bool = False) -> None:
@@ -85,12 +118,90 @@ class FxTracer(fx.Tracer):
         self.leaf_types = tuple(_LEAF_TYPES) + tuple(leaf_types)
         self.shallow = shallow
 
+    def trace(self, root: nn.Module | Callable, concrete_args: dict | None = None) -> fx.Graph:
+        """torch.fx traces ``type(root).forward``; a module whose instance ``forward`` is another
+        method of its class (the fused form of a YOLO block: ``m.forward = m.forward_fuse``) is
+        traced through the method that actually runs."""
+        self.traced_func_name = instance_forward(root) or "forward"
+        return super().trace(root, concrete_args)
+
+    def is_opaque(self, m: nn.Module, qualname: str) -> bool:
+        """A leaf that holds no fusion of the user's: torch.nn layers, our modules, ``leaf_types``."""
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types):
             return True
         if self.shallow:
             return not isinstance(m, CONTAINERS)
-        return super().is_leaf_module(m, qualname)
+        return super().is_leaf_module(m, qualname) or reads_training(type(m)) is True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        n = piece_count(node)
+        return _Pieces(node, self, n) if n is not None else super().proxy(node)
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        n = piece_count(obj.node)
+        if n is None:
+            return super().iter(obj)  # raises TraceError: the count is not known at trace time
+        return iter([obj[i] for i in range(n)])
+
+
+class _Pieces(fx.Proxy):
+    """The proxy of a chunk/split whose piece count is known: ``len()`` and ``list()`` work
+    (``list()`` asks for the length before it iterates).
+
+    Iterating makes a ``getitem`` node for every piece, so if at run time the op returns fewer
+    pieces than assumed (``torch.chunk`` can: ``chunk(4)`` of 5 channels gives 3 pieces of 2, 2
+    and 1), running the graph raises IndexError at the missing piece; it never computes something
+    else.
+    """
+
+    def __init__(self, node: fx.Node, tracer: fx.Tracer, n: int) -> None:
+        super().__init__(node, tracer)
+        self._fxfusion_len = n
+
+    def __len__(self) -> int:
+        return self._fxfusion_len
+
+
+_CHUNK_FUNCTIONS = {torch.chunk: "chunk", torch.Tensor.chunk: "chunk", torch.split: "split",
+                    torch.functional.split: "split", torch.Tensor.split: "split"}
+
+
+def instance_forward(module: object) -> str | None:
+    """Name of the class method bound as ``module``'s own ``forward`` attribute, if it has one."""
+    bound = getattr(module, "__dict__", {}).get("forward")
+    func = getattr(bound, "__func__", None)
+    if getattr(bound, "__self__", None) is not module or func is None:
+        return None
+    name = func.__name__
+    return name if getattr(type(module), name, None) is func else None
+
+
+def piece_count(node: fx.Node) -> int | None:
+    """How many tensors ``node`` returns, when its arguments fix that at trace time; else None.
+
+    ``x.chunk(n, dim)`` / ``torch.chunk(x, n, dim)`` with an int ``n``: ``n`` (torch may return
+    fewer: see :class:`_Pieces`). ``x.split(sizes, dim)`` / ``torch.split(x, sizes, dim)`` /
+    ``x.split_with_sizes(sizes)`` with a list of sizes: ``len(sizes)`` (torch returns exactly that
+    many or raises). A split by an int size (the count depends on the shape), ``unbind`` and
+    anything else: None.
+    """
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        name = _CHUNK_FUNCTIONS.get(node.target)
+    else:
+        return None
+    if name == "chunk":
+        n = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+    if name in ("split", "split_with_sizes"):
+        keys = ("split_size", "split_size_or_sections", "split_sizes")
+        sizes = node.args[1] if len(node.args) > 1 else next((node.kwargs[k] for k in keys if k in node.kwargs), None)
+        return len(sizes) if isinstance(sizes, (list, tuple)) else None
+    return None
 
 
 def trace_units(
@@ -111,38 +222,68 @@ def trace_units(
     """
     leaf_types = tuple(leaf_types)
     result = TraceResult()
-    tracer = FxTracer(leaf_types)
+    opaque = FxTracer(leaf_types).is_opaque
 
     def visit(path: str, module: nn.Module) -> None:
         if isinstance(module, CONTAINERS):
             for name, child in module.named_children():
-                visit(_join(path, name), child)
+                visit(join(path, name), child)
             return
-        if path and tracer.is_leaf_module(module, path):
+        if path and opaque(module, path):
             return  # torch.nn layers and our own leaves hold no fusion of their own
         try:
             gm = trace_module(module, FxTracer(leaf_types), concrete_args if not path else None)
         except Exception as e:  # noqa: BLE001 - any tracing failure is reported, then we descend
-            result.untraceable.append(Untraceable(path or "<root>", type(module).__name__, _reason(e)))
+            if not (isinstance(e, ModeDependentError) and not e.joins):  # a DropPath: nothing to examine
+                result.untraceable.append(Untraceable(path or "<root>", type(module).__name__, failure_reason(e)))
             for name, child in module.named_children():
-                visit(_join(path, name), child)
+                visit(join(path, name), child)
             return
         result.units.append(TracedUnit(path, module, gm))
+        # children kept as leaves because their own forward reads self.training: units of their own
+        for target in mode_leaves(gm.graph, module, leaf_types):
+            visit(join(path, target), module.get_submodule(target))
 
     visit("", model)
     return result
 
 
+def mode_leaves(graph: fx.Graph, root: nn.Module, leaf_types: Iterable[type] = ()) -> list[str]:
+    """Targets of the ``call_module`` nodes of ``root``'s deep graph that are leaves only because
+    their own forward reads ``self.training`` (in graph order, each once)."""
+    opaque = FxTracer(leaf_types).is_opaque
+    targets = dict.fromkeys(n.target for n in graph.nodes if n.op == "call_module")
+    return [t for t in targets if not opaque(root.get_submodule(t), t)]
+
+
 def shallow_trace(module: nn.Module, leaf_types: Iterable[type] = (),
-                  list_args: Sequence[int | None] = ()) -> fx.Graph:
+                  list_args: Sequence[int | None] = (), none_args: Sequence[str] = ()) -> fx.Graph:
     """Graph of ``module``'s own forward only: every non-container child is a leaf.
 
     ``list_args[i] = n`` says positional argument ``i`` is a list of ``n`` tensors (as seen
     at run time): it is traced as ``n`` placeholders, so ``len()`` and indexing work.
+    ``none_args`` are arguments that are None in every call the model makes: the graph is
+    specialized to that (torch.fx checks it at run time), as :func:`none_arguments` explains.
     Returns the bare graph (no GraphModule: the rewrite only edits and re-emits it).
     """
-    return trace_module(module, FxTracer(leaf_types, shallow=True), _list_placeholders(module, list_args),
-                        graph_only=True)
+    concrete = {**(_list_placeholders(module, list_args) or {}), **dict.fromkeys(none_args)}
+    return trace_module(module, FxTracer(leaf_types, shallow=True), concrete or None, graph_only=True)
+
+
+def none_arguments(module: nn.Module, args: tuple, kwargs: dict) -> set[str]:
+    """Names of ``module.forward``'s arguments that are None in this call (given or by default).
+
+    A forward such as ``if scale is not None: x = x * scale`` traces with ``scale`` as a proxy,
+    so the traced graph multiplies by it even when the model passes None. Tracing with
+    ``concrete_args={"scale": None}`` gives the graph the model really runs, and torch.fx
+    inserts a check that fails loudly if a later call passes something else.
+    """
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return set()
+    bound.apply_defaults()
+    return {name for name, value in bound.arguments.items() if value is None}
 
 
 def _list_placeholders(module: nn.Module, list_args: Sequence[int | None]) -> dict | None:
@@ -153,57 +294,167 @@ def _list_placeholders(module: nn.Module, list_args: Sequence[int | None]) -> di
     return {params[i].name: [fx.PH] * n for i, n in enumerate(list_args) if n is not None and i < len(params)}
 
 
+def expect_none(value, message: str) -> None:
+    """The run-time check of an argument the trace specialized to None (see :func:`none_arguments`)."""
+    if value is not None:
+        raise AssertionError(message)
+
+
+def _own_none_checks(graph: fx.Graph) -> fx.Graph:
+    """torch.fx checks a None-specialized argument with its own ``_assert_is_none``, an fx-wrapped
+    function: code generated from such a graph registers it for patching under a dotted name that
+    later traces cannot find (``KeyError`` in every trace after it, torch 2.14). Our plain function
+    checks the same."""
+    for node in graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none":
+            node.target = expect_none
+    return graph
+
+
 def trace_module(module: nn.Module, tracer: FxTracer, concrete_args: dict | None = None,
                  graph_only: bool = False) -> fx.GraphModule | fx.Graph:
-    """Trace in the current mode; if any forward in the subtree reads ``training``,
+    """Trace in the current mode; if the graph may depend on ``training`` (:func:`_compare_modes`),
     also trace the other mode and refuse (ModeDependentError) when the graphs differ."""
-    graph = tracer.trace(module, concrete_args)
-    if _reads_training(module, tracer):
-        was_training = module.training
-        try:
-            module.train(not was_training)
-            other = FxTracer(tracer.leaf_types, tracer.shallow).trace(module, concrete_args)
-        finally:
-            module.train(was_training)
-        if other.python_code("self").src != graph.python_code("self").src:
-            raise ModeDependentError(
-                "forward differs between train and eval mode (a self.training branch); left as is")
+    with keeping_state(module):
+        graph = _own_none_checks(tracer.trace(module, concrete_args))
+        if _compare_modes(module, tracer):
+            was_training = module.training
+            try:
+                module.train(not was_training)
+                other = FxTracer(tracer.leaf_types, tracer.shallow).trace(module, concrete_args)
+            finally:
+                module.train(was_training)
+            if other.python_code("self").src != graph.python_code("self").src:
+                raise ModeDependentError(
+                    "forward differs between train and eval mode (a self.training branch); left as is",
+                    joins=_joins_values(graph) or _joins_values(other))
     return graph if graph_only else fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
+@contextlib.contextmanager
+def keeping_state(module: nn.Module) -> Iterator[None]:
+    """Tracing runs the root's forward on the real module: afterwards every module of the subtree
+    has its own attributes and its buffers' values back.
+
+    An in-place buffer update (timm's BatchNormAct2d counts ``num_batches_tracked.add_(1)`` in
+    training) would change the model; an attribute the forward assigns (``self.device = x.device``
+    in Ultralytics' RT-DETR loss, a cached shape) would keep an fx Proxy, which breaks
+    ``deepcopy`` and pickling of the user's model later.
+    """
+    saved = [(b, b._version, b.detach().clone()) for b in module.buffers()]
+    attributes = [(m, dict(vars(m))) for m in module.modules()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, version, value in saved:
+                if b._version != version:
+                    b.copy_(value)
+        for m, before in attributes:
+            if vars(m).keys() != before.keys() or any(vars(m)[k] is not v for k, v in before.items()):
+                vars(m).clear()
+                vars(m).update(before)
+
+
 class ModeDependentError(RuntimeError):
-    """The module's traced graph depends on ``self.training``."""
+    """The module's traced graph depends on ``self.training``.
+
+    ``joins``: whether the module's own forward, in either mode, joins two values (a cat, or an
+    add of two graph values); without one there is nothing of its own for find to examine (its
+    children are tried one by one anyway).
+    """
+
+    def __init__(self, msg: str, joins: bool = True) -> None:
+        super().__init__(msg)
+        self.joins = joins
 
 
-def _reads_training(module: nn.Module, tracer: FxTracer) -> bool:
-    """Cheap check before a second trace: does any traced-through forward mention ``training``?"""
-    if tracer.shallow:  # in a shallow trace only the root's own forward runs symbolically
-        return _forward_mentions_training(type(module))
-    seen: set[type] = set()
-    for path, m in module.named_modules():
-        cls = type(m)
-        if cls in seen or (path and tracer.is_leaf_module(m, path)):
-            continue
-        seen.add(cls)
-        if _forward_mentions_training(cls):
+def _joins_values(graph: fx.Graph) -> bool:
+    """Does the root's own forward (not a child traced through: children are examined on their
+    own when the root is refused) cat, or add two graph values?"""
+    for node in graph.nodes:
+        own = not node.meta.get("nn_module_stack")
+        op = node_op(node, {}) if own and node.op in ("call_function", "call_method") else None
+        if op == "cat" or (op == "add" and sum(isinstance(a, fx.Node) for a in (*node.args, *node.kwargs.values()))
+                           >= 2):
             return True
     return False
 
 
+def _compare_modes(module: nn.Module, tracer: FxTracer) -> bool:
+    """Must the other mode be traced too? When the root's own forward reads ``training`` or its
+    source is unknown, or (deep trace) a forward traced through has unknown source. Children whose
+    forward reads ``training`` are leaves of a deep trace: they cannot make the graphs differ."""
+    if reads_training(type(module)) is not False:
+        return True
+    if tracer.shallow:  # in a shallow trace only the root's own forward runs symbolically
+        return False
+    stack = list(module.named_children())
+    while stack:
+        path, m = stack.pop()
+        if not isinstance(m, CONTAINERS):  # containers are looked through, never called
+            if tracer.is_leaf_module(m, path):
+                continue
+            if reads_training(type(m)) is None:
+                return True
+        stack += [(join(path, name), c) for name, c in m.named_children()]
+    return False
+
+
 @functools.lru_cache(maxsize=None)
-def _forward_mentions_training(cls: type) -> bool:
-    try:
-        return "training" in inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return True  # unknown source: be safe, compare both modes
+def reads_training(cls: type) -> bool | None:
+    """Does ``cls``'s own forward read ``training``? None when its source cannot be read.
+
+    Looks at the code of ``forward`` (not at comments or docstrings) and of the methods it calls
+    as ``self.name(...)`` or ``super().name(...)``, transitively: an attribute ``.training`` or the
+    string ``"training"`` (``getattr(self, "training")``) counts. Child modules it calls are not
+    its own forward: they are judged on their own.
+    """
+    todo: list[tuple[str, type | None]] = [("forward", None)]
+    seen: set[tuple[str, type | None]] = set()
+    while todo:
+        key = todo.pop()
+        if key in seen:
+            continue
+        seen.add(key)
+        found = _method(cls, *key)
+        if found is None:
+            continue
+        owner, fn = found
+        if not inspect.isfunction(inspect.unwrap(fn)):
+            if key == ("forward", None):
+                return None  # a forward that is not Python code of its own: be safe
+            continue  # not a method: a child module or an attribute
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        except (OSError, TypeError, SyntaxError):
+            return None  # unknown source: be safe
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr == "training") or (
+                    isinstance(node, ast.Constant) and node.value == "training"):
+                return True
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                target = node.func.value
+                if isinstance(target, ast.Name) and target.id == "self":
+                    todo.append((node.func.attr, None))
+                elif isinstance(target, ast.Call) and isinstance(target.func, ast.Name) and target.func.id == "super":
+                    todo.append((node.func.attr, owner))
+    return False
 
 
-def _reason(e: Exception) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    if len(msg) > 160:
-        msg = msg[:157] + "..."
-    return f"{type(e).__name__}: {msg}"
+def _method(cls: type, name: str, after: type | None) -> tuple[type, object] | None:
+    """Attribute ``name`` of ``cls`` and the class that defines it, looked up in the MRO (past
+    ``after``, as ``super()`` does); None when no class defines it, or only ``nn.Module``'s own
+    machinery."""
+    mro = cls.__mro__
+    if after is not None and after in mro:
+        mro = mro[mro.index(after) + 1:]
+    for klass in mro:
+        if name in vars(klass):
+            if klass is nn.Module or klass is object:
+                return None
+            fn = vars(klass)[name]
+            return klass, getattr(fn, "__func__", fn)  # staticmethod, classmethod: the function
+    return None
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name

@@ -8,12 +8,11 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from ddp_util import gloo_group, spawn  # tests/ddp_util.py
 from torch import nn
 
 from fxfusion.balance import AlphaBalancer
 from fxfusion.gabfusion import GABFusion
-
-from ddp_util import gloo_group, spawn  # tests/ddp_util.py
 
 
 class Toy(nn.Module):
@@ -135,8 +134,9 @@ def _no_forward_buffer_sync() -> dict[str, bool]:
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    with gloo_group(rank, world, port):
+def _ddp_worker(rank: int, world: int, init_method: str, out: str) -> None:
+    torch.set_num_threads(1)
+    with gloo_group(rank, world, init_method):
         torch.manual_seed(0)  # same initial model on every rank
         model = Toy(norm="layernorm", tied=False)
         # No buffer sync at forward: rank 0's λ is NOT copied over, so a rank that updated
@@ -170,3 +170,17 @@ def test_ddp_ranks_apply_identical_updates(tmp_path):
     assert all(res["local_differs"])  # the ranks saw different energies...
     assert torch.equal(res["lams"][0], res["lams"][1])  # ...yet λ (hence α) is bit-identical
     assert res["history"][-1] != [0.5, 0.5]  # and it moved
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.5, 1.0])
+def test_energy_is_the_whole_branch_gradient_of_a_gated_site(mix: float) -> None:
+    # A function-preserving site sends gradient into its branches through the plain fusion and the
+    # normalized path; G_i must be all of it (at mix = 0 the normalized path carries none).
+    torch.manual_seed(0)
+    site = GABFusion("cat", 2, dim=1, channels=8, alpha="balanced", preserve=True, branch_channels=[4, 4])
+    site.mix.fill_(mix)
+    a, b = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(8)
+    (site(a, b) * w).pow(2).sum().backward()
+    expected = torch.stack([a.grad.pow(2).sum(), b.grad.pow(2).sum()])
+    assert torch.allclose(site.grad_energy, expected, rtol=1e-5) and bool((expected > 0).all())

@@ -87,7 +87,7 @@ _REEXPORT = textwrap.dedent('''
     import sys, warnings
     import torch
     import fxfusion
-    from fxfusion.passes.export import flatten_outputs
+    from fxfusion.passes.runtime import tensors as flatten_outputs
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -105,7 +105,7 @@ def test_deployed_model_round_trips_and_reexports_the_same_onnx_bytes(zoo_model,
     import warnings
 
     import fxfusion
-    from fxfusion.passes.export import flatten_outputs
+    from fxfusion.passes.runtime import tensors as flatten_outputs
 
     model, (x,) = zoo_model("yolov5")
     with warnings.catch_warnings():

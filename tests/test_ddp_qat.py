@@ -12,13 +12,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from ddp_util import gloo_group, spawn  # tests/ddp_util.py
 from torch import nn
 
 import fxfusion
-from fxfusion.gabfusion import set_gate
 from fxfusion import zoo
-
-from ddp_util import gloo_group, spawn  # tests/ddp_util.py
+from fxfusion.gabfusion import set_gate
 
 WORLD, STEPS, MICRO_BATCHES = 2, 3, 2
 
@@ -30,16 +29,17 @@ def _models() -> tuple[nn.Module, nn.Module]:
     (x,) = zoo.example_inputs("yolov5")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        student = fxfusion.quantize(fxfusion.rewrite(fp, x, alpha="balanced"), x, method="lsq", w_bits=4, a_bits=4)
+        rewritten = fxfusion.rewrite(fp, x, alpha="balanced", fold="any")
+        student = fxfusion.quantize(rewritten, x, method="lsq", w_bits=4, a_bits=4)
         set_gate(student, 1.0)  # as NormSchedule has it at its peak: the sites normalize and α gets gradients
         # α = 1 and no norm: the float model's outputs, under the student's site paths
-        teacher = fxfusion.rewrite(fp, x, alpha="fixed", alpha_init=1.0, norm="none")
+        teacher = fxfusion.rewrite(fp, x, alpha="fixed", alpha_init=1.0, norm="none", fold="any")
     return student, teacher
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_method: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    with gloo_group(rank, world, port):
+    with gloo_group(rank, world, init_method):
         student, teacher = _models()
         student.train()
         ddp = nn.parallel.DistributedDataParallel(student)

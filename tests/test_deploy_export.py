@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fxfusion
-from fxfusion.passes.find import leaves
+from fxfusion.passes.runtime import leaves
 from fxfusion.zoo import example_inputs
 
 MODELS = {"yolov5": ["cat"], "unet": None, "resnet": None, "densenet": None, "transformer": None}

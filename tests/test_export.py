@@ -12,6 +12,7 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
+from fxfusion.deployed import DeployedFusion
 from fxfusion.gabfusion import GABFusion
 from fxfusion.passes.export import OnnxExportError, export_onnx
 from fxfusion.passes.verify import verify_onnx
@@ -378,6 +379,31 @@ def test_verify_detects_a_wrong_model(tmp_path, layer) -> None:
     assert verify.exact  # every quantizer still reproduces onnxruntime's codes on its own input
 
 
+def test_verify_leaves_no_hooks_when_a_quantizer_is_not_in_the_graph(tmp_path) -> None:
+    # The last quantizer's DequantizeLinear is renamed, so its codes cannot be held equal and the
+    # forced check is skipped. The hooks that replace quantizer outputs with onnxruntime's must not
+    # stay on the model's other quantizers.
+    model = conv_net("lsq", 4)
+    path = str(tmp_path / "net.onnx")
+    export_onnx(model, torch.randn(2, 3, 12, 12), path)
+    proto = onnx.load(path)
+    next(n for n in proto.graph.node if n.name == "head/act/DequantizeLinear").name = "renamed"
+    onnx.save(proto, path)
+    quantizers = [m.act_quant for m in (model.c1, model.c2, model.c3, model.head)]
+    assert all(not q._forward_hooks for q in quantizers)
+    x, other = torch.randn(4, 3, 12, 12), torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        before = model(other)
+
+    verify = verify_onnx(model, path, x)
+    assert [q.layer for q in verify.quantizers] == ["c1", "c2", "c3"]
+    assert any(n.startswith("head: its codes could not be held equal") for n in verify.notes), verify.notes
+    assert not verify.forced
+    assert [dict(q._forward_hooks) for q in quantizers] == [{}] * 4
+    with torch.no_grad():  # a leftover hook would put onnxruntime's codes for `x` in place of these
+        torch.testing.assert_close(model(other), before, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -413,12 +439,12 @@ def test_explicit_site_kept_by_deploy_is_exported(tmp_path) -> None:
     model.train()
     model(torch.randn(2, 3, 6, 6))
     model.eval()
-    model.fuse.freeze(torch.rand(4) + 0.5, torch.randn(4))  # what deploy does to a site it cannot fold
     path = tmp_path / "site.onnx"
-    with pytest.raises(ValueError, match="not deployed"):  # frozen, but no deploy report
+    with pytest.raises(ValueError, match="not deployed"):  # a training site
         export_onnx(model, torch.randn(2, 3, 6, 6), path)
 
-    model.fxfusion_reports = {"deploy": "report"}
+    # what deploy leaves at a site it cannot fold: fixed branch scales and a shift
+    model.fuse = DeployedFusion.from_training(model.fuse, torch.rand(4) + 0.5, torch.randn(4))
     report = export_onnx(model, torch.randn(2, 3, 6, 6), path)
     assert any(n.startswith("fuse: GABFusion site kept by deploy") for n in report.notes)
     verify = verify_onnx(model, path, torch.randn(3, 3, 6, 6))

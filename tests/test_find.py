@@ -36,9 +36,9 @@ def test_untraceable_modules_are_reported_with_reasons(zoo_model):
     model, x = zoo_model("yolov8")
     report = fxfusion.find_fusions(model, x)
     by_path = {u.path: u for u in report.untraceable}
-    assert "<root>" in by_path
-    c2f = [u for u in report.untraceable if u.cls == "C2f"]
-    assert c2f and all("iterated" in u.reason for u in c2f)
+    assert set(by_path) == {"model.22"}  # Detect assigns into its input list
+    assert "item assignment" in by_path["model.22"].reason and by_path["model.22"].cls == "Detect"
+    assert not [u for u in report.untraceable if u.cls == "C2f"]  # its chunk pieces iterate
     assert "Untraceable modules" in str(report)
 
 

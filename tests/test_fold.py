@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import fxfusion
+from fxfusion.deployed import DeployedFusion
 from fxfusion.gabfusion import GABFusion
-from fxfusion.passes.find import leaves
-from fxfusion.passes.fold import calibration_batches, freeze
+from fxfusion.passes.calibrate import calibration_batches
+from fxfusion.passes.freeze import freeze
+from fxfusion.passes.runtime import leaves
 from fxfusion.zoo import example_inputs
 
 
@@ -39,7 +41,7 @@ def test_exact_folds_reproduce_the_frozen_model(zoo_model, name, ops):
     original, q, batches = _rewritten(zoo_model, name, ops)
     deployed = fxfusion.deploy(q, batches, progress=False)
     frozen = copy.deepcopy(q)
-    freeze(frozen, calibration_batches(batches), inplace=True)
+    freeze(frozen, calibration_batches(batches))
     # an independent freeze (BN not folded first) agrees to float noise; the report's own
     # frozen-vs-deployed comparison (same statistics) is held to 1e-5 below
     for b in batches:
@@ -51,7 +53,7 @@ def test_exact_folds_reproduce_the_frozen_model(zoo_model, name, ops):
     assert report.output_deviation["max_vs_frozen_ln"] <= 1e-5 * max(
         1.0, max(float(t.abs().max()) for b in batches for t in _out(frozen, b)))
     # original topology: no GABFusion left, owners have their own class and forward back
-    assert not [m for m in deployed.modules() if isinstance(m, GABFusion)]
+    assert not [m for m in deployed.modules() if isinstance(m, (GABFusion, DeployedFusion))]
     deployed_modules = dict(deployed.named_modules())
     for path, m in original.named_modules():  # same paths and classes; BN after a conv became Identity
         new = deployed_modules[path]
@@ -74,13 +76,14 @@ def test_unfoldable_sites_stay_explicit_and_say_why(zoo_model):
     # per-channel ("fit") affines cannot pass the transformer's LayerNorms: explicit ops, reported
     _, q, batches = _rewritten(zoo_model, "transformer")
     frozen = copy.deepcopy(q)
-    freeze(frozen, calibration_batches(batches), inplace=True)
+    freeze(frozen, calibration_batches(batches))
     deployed = fxfusion.deploy(q, batches, progress=False, stats="fit")
     report = deployed.fxfusion_reports["deploy"]
     explicit = [s for s in report.sites if s["target"] == "explicit per-channel op"]
     assert explicit and all("LayerNorm" in s["note"] for s in explicit)
-    left = [m for m in deployed.modules() if isinstance(m, GABFusion)]
-    assert len(left) == len(explicit) and all(m.norm == "frozen" for m in left)
+    assert not [m for m in deployed.modules() if isinstance(m, GABFusion)]
+    left = [m for m in deployed.modules() if isinstance(m, DeployedFusion)]
+    assert len(left) == len(explicit) and all(not m.is_bare for m in left)
     for ref, out in zip(_out(frozen, batches[0]), _out(deployed, batches[0])):
         assert torch.allclose(ref, out, atol=1e-5)
 
@@ -89,9 +92,9 @@ def test_channel_uniform_affine_folds_through_layernorm(zoo_model):
     # the paper's statistics give a channel-uniform affine, which a LayerNorm absorbs exactly
     _, q, batches = _rewritten(zoo_model, "transformer")
     frozen = copy.deepcopy(q)
-    freeze(frozen, calibration_batches(batches), stats="ln", inplace=True)
+    freeze(frozen, calibration_batches(batches), stats="ln")
     deployed = fxfusion.deploy(q, batches, progress=False, stats="ln")
-    assert not [m for m in deployed.modules() if isinstance(m, GABFusion)]
+    assert not [m for m in deployed.modules() if isinstance(m, (GABFusion, DeployedFusion))]
     for ref, out in zip(_out(frozen, batches[0]), _out(deployed, batches[0])):
         assert torch.allclose(ref, out, atol=1e-5)
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import fxfusion
+from fxfusion.deployed import DeployedFusion
 from fxfusion.gabfusion import GABFusion, gate_value, set_gate
-from fxfusion.passes.find import leaves
+from fxfusion.passes.runtime import leaves
 from fxfusion.zoo import example_inputs
 
 ZOO = ["yolov5", "yolov8", "resnet", "densenet", "unet", "fpn", "inception", "transformer"]
@@ -37,7 +38,7 @@ def _close(ref, out, rtol=RTOL):
 @pytest.mark.parametrize("name", ZOO)
 def test_default_rewrite_computes_the_original_model(zoo_model, name):
     model, x = zoo_model(name)
-    q = fxfusion.rewrite(model, x)
+    q = fxfusion.rewrite(model, x, fold="any")
     sites = [m for m in q.modules() if isinstance(m, GABFusion)]
     assert sites and all(m.preserve and float(m.mix) == 0.0 for m in sites)
     for seed in range(2):  # also on inputs the calibration never saw
@@ -171,7 +172,7 @@ def test_a_tapered_gate_deploys_exactly(zoo_model, name, ops):
     deployed = fxfusion.deploy(q, calib, progress=False)
     report = deployed.fxfusion_reports["deploy"]
     assert all(s["exact"] and s["target"].startswith("nothing to fold") for s in report.sites)
-    assert not [m for m in deployed.modules() if isinstance(m, GABFusion)]
+    assert not [m for m in deployed.modules() if isinstance(m, (GABFusion, DeployedFusion))]
     assert not report.recalibrated  # no weight changed, so no quantizer was touched
     for b in calib:  # the deployed model computes what the trained one computed
         _close(_out(q, b), _out(deployed, b))
@@ -187,7 +188,7 @@ def test_an_open_gate_is_frozen_to_its_fit_and_measured(zoo_model):
     report = deployed.fxfusion_reports["deploy"]
     assert all(s["ln_max_dev"] > 1e-3 for s in report.sites)  # a per-position LN is no per-channel affine
     assert report.output_deviation["max_vs_undeployed"] > 0
-    assert not [m for m in deployed.modules() if isinstance(m, GABFusion)]
+    assert not [m for m in deployed.modules() if isinstance(m, (GABFusion, DeployedFusion))]
     assert float(next(m for m in reference.modules() if isinstance(m, GABFusion)).mix) == 1.0
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 import fxfusion
 from fxfusion.gabfusion import GABFusion
-from fxfusion.passes.find import leaves
+from fxfusion.passes.runtime import leaves
 from fxfusion.quant import QUANTIZERS, LSQQuantizer, QParams, Quantizer, QuantizerProtocol
 from fxfusion.quant.layers import QUANT_LAYERS, is_quantized
 from fxfusion.zoo import ZOO
@@ -87,7 +87,7 @@ def _rewrite(model: nn.Module, x) -> nn.Module:
     # nothing here that quantize(model) does not.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.fx / zoo warnings, unrelated to quantize
-        return fxfusion.rewrite(model, x, init="paper")
+        return fxfusion.rewrite(model, x, init="paper", fold="any")
 
 
 def _quantize(model: nn.Module, x, **kw) -> nn.Module:
@@ -411,25 +411,22 @@ def test_bn_fold_is_exact(rewritten, name):
 
     # Exactness, without float32 rounding in the way: fold and compare in float64.
     model64, x64 = copy.deepcopy(model).double(), tuple(t.double() for t in x)
-    q64 = _quantize(model64, x64, method="lsq")
-    for quantizer in _quantizers(q64).values():
-        quantizer.enabled = False
-    model64.eval()
-    q64.eval()
-    with torch.no_grad():
-        ref, out = _outputs(model64, x64), _outputs(q64, x64)
-    for r, o in zip(ref, out, strict=True):
+    for r, o in _float_pairs(model64, _quantize(model64, x64, method="lsq"), x64):
         torch.testing.assert_close(o, r, rtol=0, atol=1e-5)
         assert (o - r).abs().max() <= 1e-10 * max(1.0, r.abs().max().item())
     # In float32 the folded weights differ from W, BN by rounding only (YOLO's gain makes it ~1e-5).
+    for r, o in _float_pairs(model, q, x):
+        torch.testing.assert_close(o, r, rtol=0, atol=1e-4 * max(1.0, r.abs().max().item()))
+
+
+def _float_pairs(model: nn.Module, q: nn.Module, x: tuple) -> list[tuple[Tensor, Tensor]]:
+    """(float output, quantized model's output with every quantizer off), eval mode."""
     for quantizer in _quantizers(q).values():
         quantizer.enabled = False
     model.eval()
     q.eval()
     with torch.no_grad():
-        ref, out = _outputs(model, x), _outputs(q, x)
-    for r, o in zip(ref, out, strict=True):
-        torch.testing.assert_close(o, r, rtol=0, atol=1e-4 * max(1.0, r.abs().max().item()))
+        return list(zip(_outputs(model, x), _outputs(q, x), strict=True))
 
 
 def test_qat_forward_quantizes_exactly_the_deployed_weights(rewritten):

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import fxfusion
-from fxfusion.gabfusion import set_gate
-from fxfusion.gabfusion import GABFusion
-from fxfusion.passes.find import leaves
+from fxfusion.gabfusion import GABFusion, set_gate
 from fxfusion.passes.rewrite import gabfusion_modules
+from fxfusion.passes.runtime import leaves
 from fxfusion.zoo import ZOO
 
 
@@ -31,7 +30,7 @@ def _rewrite_quietly(model, x, **kw):
 def test_rewrite_zoo_model(zoo_model, name):
     model, x = zoo_model(name)
     original_keys = set(model.state_dict())
-    q = fxfusion.rewrite(model, x)
+    q = fxfusion.rewrite(model, x, fold="any")  # every site, foldable or not (test_fold_default: which)
     fusions = gabfusion_modules(q)
     assert len(fusions) == ZOO[name].expected_sites
     assert not gabfusion_modules(model), "the input model must not be mutated"
@@ -102,7 +101,7 @@ def test_idempotent_pickle_deepcopy_and_attributes(zoo_model):
 
 def test_inplace_edits_the_given_model(zoo_model):
     model, x = zoo_model("unet")
-    q = fxfusion.rewrite(model, x, inplace=True)
+    q = fxfusion.rewrite(model, x, fold="any", inplace=True)
     assert q is model and len(gabfusion_modules(model)) == 3
 
 

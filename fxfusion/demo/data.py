@@ -15,13 +15,15 @@ image), so later epochs cost only the uint8 -> float conversion.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["CLASS_NAMES", "ShapesDataset", "collate", "make_loader"]
+__all__ = ["CLASS_NAMES", "ShapesDataset", "collate", "make_loader", "write_yolo_dataset"]
 
 #: Every shape the generator can draw; a dataset with ``num_classes=k`` uses the first k.
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "ring", "cross")
@@ -48,10 +50,13 @@ class ShapesDataset(Dataset):
     tensor (n_obj, 5) of ``[cls, cx, cy, w, h]`` normalized to 0..1.
 
     Example:
-        >>> ds = ShapesDataset("train", n=100, img_size=96)
+        >>> from fxfusion.demo.data import ShapesDataset
+        >>> ds = ShapesDataset("train", n=4, img_size=96)
         >>> image, targets = ds[0]
         >>> image.shape, targets.shape[1]
         (torch.Size([3, 96, 96]), 5)
+        >>> ds.class_names
+        ('circle', 'square', 'triangle')
     """
 
     def __init__(
@@ -191,7 +196,13 @@ def collate(
         layout that :class:`fxfusion.demo.loss.YoloLoss` reads.
 
     Example:
+        >>> from fxfusion.demo.data import ShapesDataset, collate
+        >>> ds = ShapesDataset("train", n=2, img_size=64)
         >>> images, targets = collate([ds[0], ds[1]])
+        >>> images.shape, targets.shape[1]
+        (torch.Size([2, 3, 64, 64]), 6)
+        >>> targets[:, 0].unique().tolist()  # the batch index of each box
+        [0.0, 1.0]
     """
     images = torch.stack([image for image, _ in batch])
     rows = [
@@ -226,7 +237,13 @@ def make_loader(
         A ``torch.utils.data.DataLoader`` yielding ``(images, targets)`` batches.
 
     Example:
-        >>> loader = make_loader(ShapesDataset("train", n=64), batch_size=16)
+        >>> from fxfusion.demo.data import ShapesDataset, make_loader
+        >>> loader = make_loader(ShapesDataset("train", n=8, img_size=64), batch_size=4)
+        >>> len(loader)
+        2
+        >>> images, targets = next(iter(loader))
+        >>> images.shape, targets.shape[1]
+        (torch.Size([4, 3, 64, 64]), 6)
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
@@ -239,6 +256,38 @@ def make_loader(
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def write_yolo_dataset(root: str | os.PathLike, n_train: int = 64, n_val: int = 16, img_size: int = 96,
+                       seed: int = 0, num_classes: int = 3) -> Path:
+    """Write the shapes as a dataset in Ultralytics' layout; returns its ``data.yaml``.
+
+    ``images/{train,val}/<i>.png`` and ``labels/{train,val}/<i>.txt`` (one ``cls cx cy w h`` row per
+    object, normalized: the same rows :class:`ShapesDataset` returns). Needs Pillow (Ultralytics
+    brings it).
+
+    Example:
+        >>> import tempfile
+        >>> yaml = write_yolo_dataset(tempfile.mkdtemp(), n_train=2, n_val=1, img_size=32)
+        >>> sorted(p.name for p in (yaml.parent / "labels" / "train").iterdir())
+        ['0.txt', '1.txt']
+    """
+    from PIL import Image
+
+    root = Path(root)
+    for split, n in (("train", n_train), ("val", n_val)):
+        ds = ShapesDataset(split, n=n, img_size=img_size, seed=seed, num_classes=num_classes, cache=False)
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            pixels, targets = ds._render(i)
+            Image.fromarray(pixels.transpose(1, 2, 0)).save(root / "images" / split / f"{i}.png")
+            rows = [f"{int(c)} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}" for c, cx, cy, w, h in targets.tolist()]
+            (root / "labels" / split / f"{i}.txt").write_text("".join(r + "\n" for r in rows))
+    names = "".join(f"  {i}: {name}\n" for i, name in enumerate(CLASS_NAMES[:num_classes]))
+    yaml = root / "data.yaml"
+    yaml.write_text(f"path: {root.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}")
+    return yaml
 
 
 def _shape_alpha(cls: int, dx: np.ndarray, dy: np.ndarray, hw: float, hh: float) -> np.ndarray:

@@ -70,8 +70,9 @@ class DigitScenesDataset(ShapesDataset):
     as for :class:`~fxfusion.demo.data.ShapesDataset`; ``cls`` is the digit.
 
     Example:
-        >>> ds = DigitScenesDataset("train", n=100, img_size=64)  # doctest: +SKIP
-        >>> ds.class_names[:3], ds[0][0].shape                      # doctest: +SKIP
+        >>> from fxfusion.demo.digits import DigitScenesDataset
+        >>> ds = DigitScenesDataset("train", n=4, img_size=64)
+        >>> ds.class_names[:3], ds[0][0].shape
         (('0', '1', '2'), torch.Size([3, 64, 64]))
     """
 

@@ -51,10 +51,20 @@ def evaluate_map(
             wrong number or shape of results.
 
     Example:
+        An untrained detector, on a few validation images (a trained one scores about 0.7):
+
+        >>> from fxfusion import zoo
+        >>> from fxfusion.demo.data import ShapesDataset
+        >>> from fxfusion.demo.evaluate import evaluate_map
+        >>> from fxfusion.demo.postprocess import non_max_suppression
+        >>> model = zoo.build("yolov5", nc=3).eval()
         >>> def predict(images):
         ...     return non_max_suppression(model(images), conf_thres=0.001)
-        >>> evaluate_map(predict, ShapesDataset("val", n=200))["map50"]
-        0.71...
+        >>> scores = evaluate_map(predict, ShapesDataset("val", n=8, img_size=64))
+        >>> sorted(scores)
+        ['ap50_circle', 'ap50_square', 'ap50_triangle', 'map50', 'map50_95']
+        >>> 0.0 <= scores["map50_95"] <= scores["map50"] <= 1.0
+        True
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")

@@ -58,9 +58,17 @@ class YoloLoss:
     ``(total * batch_size, tensor([box, obj, cls]))``; the items are detached.
 
     Example:
+        >>> from fxfusion import zoo
+        >>> from fxfusion.demo.data import ShapesDataset, collate
+        >>> from fxfusion.demo.loss import YoloLoss
+        >>> model = zoo.build("yolov5", nc=3)
+        >>> ds = ShapesDataset("train", n=2, img_size=64)
+        >>> images, targets = collate([ds[0], ds[1]])
         >>> loss_fn = YoloLoss(model)
         >>> loss, items = loss_fn(model(images), targets)
         >>> loss.backward()
+        >>> loss.shape, items.shape  # the total, and its (box, obj, cls) parts
+        (torch.Size([]), torch.Size([3]))
     """
 
     def __init__(
@@ -208,8 +216,11 @@ def bbox_ciou(box1: torch.Tensor, box2: torch.Tensor, eps: float = 1e-7) -> torc
         (n,) CIoU values in [−1.5, 1]; 1 for identical boxes.
 
     Example:
-        >>> bbox_ciou(torch.tensor([[1.0, 1, 2, 2]]), torch.tensor([[1.0, 1, 2, 2]]))
-        tensor([1.0000])
+        Identical boxes, then a box shifted by half its width (IoU 1/3, minus ρ²/c² = 1/13):
+
+        >>> from fxfusion.demo.loss import bbox_ciou
+        >>> bbox_ciou(torch.tensor([[1.0, 1, 2, 2], [1.0, 1, 2, 2]]), torch.tensor([[1.0, 1, 2, 2], [2.0, 1, 2, 2]]))
+        tensor([1.0000, 0.2564])
     """
     (x1, y1, w1, h1), (x2, y2, w2, h2) = box1.unbind(-1), box2.unbind(-1)
     h1, h2 = h1 + eps, h2 + eps

@@ -45,8 +45,17 @@ from fxfusion.demo.evaluate import evaluate_map
 from fxfusion.demo.loss import YoloLoss
 from fxfusion.demo.plots import plot_bars, plot_detections
 from fxfusion.demo.postprocess import non_max_suppression
-from fxfusion.demo.recipe import (DEFAULT_RECIPE, ADAHook, Recipe, gabfusion_student, neck_ada, neck_concats,
-                                  recipe_hooks, recipe_lr_scale, reestimate_batchnorm)
+from fxfusion.demo.recipe import (
+    DEFAULT_RECIPE,
+    ADAHook,
+    Recipe,
+    gabfusion_student,
+    neck_ada,
+    neck_concats,
+    recipe_hooks,
+    recipe_lr_scale,
+    reestimate_batchnorm,
+)
 from fxfusion.demo.train import train
 from fxfusion.report import dumps, format_table, write_atomic
 
@@ -129,7 +138,12 @@ def check_demo_args(method: str, bits: int, out: str | os.PathLike | None = None
     """Validate the demo's options before any work; ValueError says what is accepted.
 
     Example:
+        >>> from fxfusion.demo.pipeline import check_demo_args
         >>> check_demo_args("lsq", 4)
+        >>> check_demo_args("lsq", 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: bits=1 is outside ...; pass e.g. bits=4
     """
     from fxfusion.quant import MAX_BITS, MIN_BITS
 
@@ -173,8 +187,18 @@ def run_demo(
         The report written to ``report.json`` (plain JSON values).
 
     Example:
-        >>> report = run_demo("lsq", 4, quick=True, out="/tmp/fxdemo")  # doctest: +SKIP
-        >>> report["map50"]["QAT + GABFusion + ADA"]                    # doctest: +SKIP
+        The settings of ``quick=True``:
+
+        >>> from fxfusion.demo.pipeline import DemoConfig, run_demo
+        >>> config = DemoConfig.preset("lsq", 4, quick=True)
+        >>> config.tag, config.img_size, config.n_train, config.fp_steps, config.qat_steps
+        ('lsq W4A4', 64, 512, 300, 60)
+
+        The run itself takes about a minute:
+
+        >>> import tempfile
+        >>> report = run_demo(config=config, out=tempfile.mkdtemp())  # doctest: +SKIP
+        >>> report["map50"]["QAT + GABFusion + ADA (lsq W4A4)"]  # doctest: +SKIP
     """
     config = config or DemoConfig.preset(method, bits, quick, seed)
     check_demo_args(config.method, config.bits, out)

@@ -48,9 +48,22 @@ def plot_detections(
         The path written.
 
     Example:
-        >>> images, targets = next(iter(val_loader))
+        >>> import shutil
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from fxfusion import zoo
+        >>> from fxfusion.demo.data import ShapesDataset, make_loader
+        >>> from fxfusion.demo.plots import plot_detections
+        >>> from fxfusion.demo.postprocess import non_max_suppression
+        >>> ds = ShapesDataset("val", n=4, img_size=64)
+        >>> images, targets = next(iter(make_loader(ds, batch_size=4, shuffle=False)))
+        >>> model = zoo.build("yolov5", nc=3)
         >>> preds = non_max_suppression(model.eval()(images), conf_thres=0.25)
-        >>> plot_detections(images, preds, targets, ds.class_names, "out/detections.png")
+        >>> out = Path(tempfile.mkdtemp())
+        >>> path = plot_detections(images, preds, targets, ds.class_names, out / "detections.png")
+        >>> path.name, path.stat().st_size > 0
+        ('detections.png', True)
+        >>> shutil.rmtree(out)
     """
     figure_cls, canvas_cls = _matplotlib()
     count = min(int(images.shape[0]), max_images)
@@ -117,7 +130,14 @@ def plot_bars(
         The path written.
 
     Example:
-        >>> plot_bars({"cat0": {"fp32": 1.0, "w4a4": 3.2}}, "out/balance.png", "gradient ratio")
+        >>> import shutil, tempfile
+        >>> from pathlib import Path
+        >>> from fxfusion.demo.plots import plot_bars
+        >>> out = Path(tempfile.mkdtemp())
+        >>> path = plot_bars({"cat0": {"fp32": 1.0, "w4a4": 3.2}}, out / "balance.png", "gradient ratio")
+        >>> path.name, path.stat().st_size > 0
+        ('balance.png', True)
+        >>> shutil.rmtree(out)
     """
     figure_cls, canvas_cls = _matplotlib()
     if not table:

@@ -27,6 +27,7 @@ def xywh2xyxy(boxes: torch.Tensor) -> torch.Tensor:
         A new (..., 4) tensor.
 
     Example:
+        >>> from fxfusion.demo.postprocess import xywh2xyxy
         >>> xywh2xyxy(torch.tensor([[2.0, 2.0, 2.0, 4.0]]))
         tensor([[1., 0., 3., 4.]])
     """
@@ -46,6 +47,7 @@ def box_iou(box1: torch.Tensor, box2: torch.Tensor, eps: float = 1e-7) -> torch.
         (N, M) tensor of IoUs.
 
     Example:
+        >>> from fxfusion.demo.postprocess import box_iou
         >>> box_iou(torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[1.0, 1, 3, 3]]))  # 1 / 7
         tensor([[0.1429]])
     """
@@ -82,8 +84,24 @@ def non_max_suppression(
         One (n, 6) tensor per image, ``[x1, y1, x2, y2, conf, cls]``, sorted by confidence.
 
     Example:
-        >>> model.eval()
-        >>> dets = non_max_suppression(model(images), conf_thres=0.25)
+        Three candidates, 2 classes: the second box overlaps the first and has the same best class,
+        so it is suppressed; the third, at the same place but of class 1, is kept.
+
+        >>> from fxfusion.demo.postprocess import non_max_suppression
+        >>> pred = torch.tensor([[[10.0, 10, 8, 8, 0.9, 0.9, 0.1],
+        ...                       [11.0, 10, 8, 8, 0.8, 0.9, 0.1],
+        ...                       [11.0, 10, 8, 8, 0.7, 0.1, 0.9]]])
+        >>> non_max_suppression(pred, conf_thres=0.25)
+        [tensor([[ 6.0000,  6.0000, 14.0000, 14.0000,  0.8100,  0.0000],
+                 [ 7.0000,  6.0000, 15.0000, 14.0000,  0.6300,  1.0000]])]
+
+        On a detector's eval-mode output:
+
+        >>> from fxfusion import zoo
+        >>> model = zoo.build("yolov5", nc=3).eval()
+        >>> dets = non_max_suppression(model(torch.rand(2, 3, 64, 64)), conf_thres=0.25)
+        >>> len(dets), dets[0].shape[1]
+        (2, 6)
     """
     if isinstance(pred, tuple):
         pred = pred[0]

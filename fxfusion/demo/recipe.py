@@ -99,7 +99,8 @@ def gabfusion_student(fp: nn.Module, example: Tensor, recipe: Recipe = DEFAULT_R
 
     sites = fxfusion.find_fusions(fp, example, ops=["cat"], predicate=keep)
     data = [b[0] for b in calib] or [example]
-    rewritten = fxfusion.rewrite(fp, sites=sites, init=recipe.init, calib_data=data, alpha=recipe.alpha,
+    # the recipe chooses its sites itself (placement); with a taper they deploy as the original op anyway
+    rewritten = fxfusion.rewrite(fp, sites=sites, fold="any", init=recipe.init, calib_data=data, alpha=recipe.alpha,
                                  norm=recipe.norm)
     if recipe.init == "paper" and calib:
         reestimate_batchnorm(rewritten, calib)

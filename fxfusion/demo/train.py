@@ -100,8 +100,23 @@ def train(
         FloatingPointError: the loss became NaN or infinite; the message names the step.
 
     Example:
-        >>> loader = make_loader(ShapesDataset("train", n=512), batch_size=16)
-        >>> losses = train(model, loader, 300, lr=0.01, loss_fn=YoloLoss(model), desc="fp32")
+        Two steps of a tiny detector on four images:
+
+        >>> from fxfusion import zoo
+        >>> from fxfusion.demo.data import ShapesDataset, make_loader
+        >>> from fxfusion.demo.loss import YoloLoss
+        >>> from fxfusion.demo.train import train
+        >>> model = zoo.build("yolov5", nc=3)
+        >>> loader = make_loader(ShapesDataset("train", n=4, img_size=64), batch_size=2)
+        >>> losses = train(model, loader, 2, lr=0.01, loss_fn=YoloLoss(model), progress=False)
+        >>> len(losses), all(loss > 0 for loss in losses)
+        (2, True)
+
+        A real run, as the demo's FP32 phase (300 steps on 512 images, a minute or more on a CPU):
+
+        >>> model = zoo.build("yolov5", nc=3, img_size=96, width_multiple=0.125)  # doctest: +SKIP
+        >>> loader = make_loader(ShapesDataset("train", n=512), batch_size=16)  # doctest: +SKIP
+        >>> losses = train(model, loader, 300, lr=0.01, loss_fn=YoloLoss(model), desc="fp32")  # doctest: +SKIP
     """
     if steps < 0:
         raise ValueError(f"steps={steps} must be >= 0.")

@@ -1,7 +1,9 @@
 """Fake quantizers for QAT: LSQ, PACT, DSQ, N2UQ and a min/max STE baseline.
 
 They share :class:`QuantizerProtocol` (fake-quantize in ``forward``, describe the grid with
-``qparams()``); any module with that protocol plugs into fxfusion in their place.
+``qparams()``); any module with that protocol plugs into fxfusion in their place, and
+:func:`is_quantizer` recognizes it. :func:`range_tensors` gives the tensors that scale a
+quantizer's grid (named by its ``range_names``).
 :func:`make_quantizer` builds one by name from the :data:`QUANTIZERS` dict; :func:`ao_factory` wraps
 torch.ao fake quantizers in the same protocol.
 """
@@ -18,7 +20,9 @@ from fxfusion.quant.base import (
     check_bits,
     fake_quantize,
     grad_scale,
+    is_quantizer,
     qrange,
+    range_tensors,
     round_ste,
 )
 from fxfusion.quant.dsq import DSQQuantizer
@@ -44,8 +48,10 @@ __all__ = [
     "check_bits",
     "fake_quantize",
     "grad_scale",
+    "is_quantizer",
     "make_quantizer",
     "qrange",
+    "range_tensors",
     "round_ste",
 ]
 

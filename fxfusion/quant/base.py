@@ -33,7 +33,7 @@ Each quantizer picks one *scheme* from its role and signedness (``Quantizer.sche
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -41,15 +41,19 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
+    "DEFAULT_RANGE_NAMES",
     "MAX_BITS",
     "MIN_BITS",
     "QParams",
     "Quantizer",
     "QuantizerProtocol",
     "check_bits",
+    "clip",
     "fake_quantize",
     "grad_scale",
+    "is_quantizer",
     "qrange",
+    "range_tensors",
     "round_ste",
 ]
 
@@ -60,6 +64,10 @@ SCHEMES = ("unsigned", "symmetric", "asymmetric")
 
 # Smallest step any quantizer uses: keeps x / scale finite when the data are all zeros.
 _MIN_SCALE = 1e-8
+
+# The names under which quantizers conventionally keep the tensors that scale their grid as a
+# whole; :func:`range_tensors` falls back to them for a quantizer without ``range_names``.
+DEFAULT_RANGE_NAMES: tuple[str, ...] = ("step", "running_min", "running_max", "upper", "lower")
 
 
 # --------------------------------------------------------------------------- validation, ranges
@@ -133,6 +141,24 @@ def round_ste(x: Tensor) -> Tensor:
     return torch.round(x).detach() + (x - x.detach())
 
 
+def clip(x: Tensor, lo: float | Tensor, hi: float | Tensor) -> Tensor:
+    """``torch.clamp(x, lo, hi)`` in forward, with one gradient convention on every torch version.
+
+    ``x`` gets gradient 1 on the closed interval ``[lo, hi]`` and 0 outside; a tensor bound gets
+    gradient 1 where it is the output (``x < lo``, ``x > hi``). ``torch.clamp``'s own convention
+    at ``x == bound`` changed in torch 2.14 (0, or ½ to each side with tensor bounds, where 2.13
+    gave 1 to ``x``): a weight at the edge of its grid, as after a max-abs initialization, would
+    stop learning on one version and not on the other.
+
+    Example:
+        >>> x = torch.tensor([-1.0, 0.0, 2.0, 3.0, 4.0], requires_grad=True)
+        >>> clip(x, 0, 3).sum().backward()
+        >>> x.grad
+        tensor([0., 1., 1., 1., 0.])
+    """
+    return torch.where(x < lo, lo, torch.where(x > hi, hi, x))
+
+
 def grad_scale(x: Tensor, scale: float | Tensor) -> Tensor:
     """Return ``x`` unchanged in forward and multiply its gradient by ``scale`` in backward.
 
@@ -177,7 +203,7 @@ def fake_quantize(
     """
     scale = _expand(scale, x, axis)
     zero_point = _expand(zero_point, x, axis).to(scale.dtype)
-    code = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    code = clip(round_ste(x / scale) + zero_point, qmin, qmax)
     return (code - zero_point) * scale
 
 
@@ -279,9 +305,12 @@ class Quantizer(nn.Module):
 
     It validates the configuration, holds the explicit state (``bits``, ``signed``, ``role``,
     ``scheme``, ``qmin``/``qmax``, ``per_channel``, ``channels``, ``axis``, ``enabled``) and the
-    ``initialized`` buffer, and runs the one-time data initialization. A subclass implements
-    ``_initialize(x)`` (data-dependent init, runs once under ``no_grad``), ``_quantize(x)`` (the
-    fake-quantization math) and ``qparams()``.
+    ``initialized`` buffer, and runs the one-time data initialization. A subclass sets the class
+    attributes ``signed_act_scheme`` and ``range_names`` and implements ``_make_params()``
+    (creates its parameters and buffers once the configuration is known; the constructor calls
+    it, so a subclass without extra arguments needs no ``__init__``), ``_initialize(x)``
+    (data-dependent init, runs once under ``no_grad``), ``_quantize(x)`` (the fake-quantization
+    math) and ``qparams()``.
 
     ``initialized`` is a bool tensor buffer, so it is saved and restored by ``state_dict``. The
     first ``forward`` while it is False initializes the learned parameters from that batch; this is
@@ -298,9 +327,18 @@ class Quantizer(nn.Module):
         per_channel: one set of parameters per channel along ``axis``.
         channels: the number of channels, required when ``per_channel``.
         axis: the channel axis, default 0 when ``per_channel``; must be None otherwise.
-        signed_act_scheme: the scheme a signed activation uses, ``"symmetric"`` or
-            ``"asymmetric"``; fixed by each subclass.
+        signed_act_scheme: overrides the class attribute of the same name (kept for subclasses
+            that pass it to ``super().__init__``); None, the default, keeps the class's choice.
+
+    Attributes:
+        signed_act_scheme: class attribute, the scheme of a signed activation,
+            ``"symmetric"`` or ``"asymmetric"`` (each method fixes it).
+        range_names: class attribute, the names of the tensors that scale the grid as a whole
+            (multiplying them all by ``m`` stretches the grid by ``m``); see :func:`range_tensors`.
     """
+
+    signed_act_scheme: str = "symmetric"
+    range_names: tuple[str, ...] = DEFAULT_RANGE_NAMES
 
     def __init__(
         self,
@@ -311,7 +349,7 @@ class Quantizer(nn.Module):
         per_channel: bool = False,
         channels: int | None = None,
         axis: int | None = None,
-        signed_act_scheme: str = "symmetric",
+        signed_act_scheme: str | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -336,7 +374,12 @@ class Quantizer(nn.Module):
                 f"{name}: channels={channels!r} and axis={axis!r} apply only to per-channel "
                 f"quantizers; pass per_channel=True, or leave channels and axis unset"
             )
-        assert signed_act_scheme in ("symmetric", "asymmetric")
+        if signed_act_scheme is None:
+            signed_act_scheme = self.signed_act_scheme
+        if signed_act_scheme not in ("symmetric", "asymmetric"):
+            raise ValueError(
+                f"{name}: signed_act_scheme={signed_act_scheme!r} must be 'symmetric' or 'asymmetric'"
+            )
 
         self.signed = signed
         self.role = role
@@ -352,6 +395,19 @@ class Quantizer(nn.Module):
             self.scheme = signed_act_scheme
         self.qmin, self.qmax = qrange(bits, signed, restricted=signed and role == "weight")
         self.register_buffer("initialized", torch.tensor(False))
+        # A Python copy of the buffer, read on every forward: a tensor's truth value would be a
+        # graph break under torch.compile (and a device sync); it is re-read from the buffer after
+        # load_state_dict and reset().
+        self._initialized = False
+        self._make_params()
+
+    def _make_params(self) -> None:
+        """Hook: create the method's parameters and buffers (none here).
+
+        The constructor calls it once the configuration (``role``, ``scheme``, ``param_shape``)
+        is set, so one ``__init__`` serves every method; raise ValueError in it for a
+        configuration the method cannot hold.
+        """
 
     @property
     def param_shape(self) -> tuple[int, ...]:
@@ -373,13 +429,30 @@ class Quantizer(nn.Module):
         self._check_input(x)
         if x.numel() == 0:  # an empty batch has nothing to quantize and nothing to calibrate on
             return x
-        if not bool(self.initialized):
-            with torch.no_grad():
-                self._initialize(x.detach())
-                self.initialized.fill_(True)
-                _broadcast_if_under_ddp(self)
+        if not self._initialized:
+            if not bool(self.initialized):
+                with torch.no_grad():
+                    self._initialize(x.detach())
+                    self.initialized.fill_(True)
+                    _broadcast_if_under_ddp(self)
+            self._initialized = True
         # Float32 parameters must not promote a half-precision activation.
         return self._quantize(x).to(x.dtype)
+
+    @property
+    def ready(self) -> bool:
+        """Initialized: its range describes what ``forward`` does (the Python copy once a forward
+        has read the buffer, so that a compiled graph does not read a tensor's truth value)."""
+        return self._initialized or bool(self.initialized)
+
+    def reset(self) -> None:
+        """Forget the range: the next forward initializes the quantizer again from its input."""
+        self.initialized.fill_(False)
+        self._initialized = False
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._initialized = False  # the loaded buffer decides, at the next forward
 
     def qparams(self) -> QParams:
         """The grid that ``forward`` quantizes to (in eval mode for soft quantizers)."""
@@ -409,7 +482,7 @@ class Quantizer(nn.Module):
                 )
 
     def _require_initialized(self) -> None:
-        if not bool(self.initialized):
+        if not self.ready:
             raise RuntimeError(
                 f"{type(self).__name__}.qparams(): the quantizer is not initialized yet; run one "
                 f"forward pass on real data (a training step or a calibration batch) first"
@@ -472,6 +545,42 @@ class Quantizer(nn.Module):
         if not self.enabled:
             text += ", enabled=False"
         return text
+
+
+# --------------------------------------------------------------------------- recognizing quantizers
+
+
+def is_quantizer(m: object) -> bool:
+    """True when ``m`` is a module that implements :class:`QuantizerProtocol`.
+
+    The passes use it to tell fake quantizers apart from other modules, whoever wrote them: a
+    built-in :class:`Quantizer`, an :class:`~fxfusion.quant.AOFakeQuantizer` or a user's module.
+    ``isinstance(m, QuantizerProtocol)`` alone only checks that the attributes exist, so any object
+    with them would pass; a quantizer also has to be an ``nn.Module`` to live in a model.
+
+    Example:
+        >>> from fxfusion.quant import LSQQuantizer
+        >>> is_quantizer(LSQQuantizer(4, signed=False)), is_quantizer(nn.ReLU())
+        (True, False)
+    """
+    return isinstance(m, nn.Module) and isinstance(m, QuantizerProtocol)
+
+
+def range_tensors(q: nn.Module) -> list[Tensor]:
+    """The tensors of ``q`` that scale its grid as a whole, in ``q.range_names`` order.
+
+    Multiplying all of them by ``m`` stretches the quantization range by ``m`` (deploy's range
+    search does so). The names come from ``q.range_names``, or :data:`DEFAULT_RANGE_NAMES` for a
+    quantizer that does not declare them; names ``q`` lacks, or that are not tensors, are skipped
+    (e.g. PACT's ``beta`` of an unsigned activation). The tensors are returned, not copies.
+
+    Example:
+        >>> from fxfusion.quant import LSQQuantizer
+        >>> [t.shape for t in range_tensors(LSQQuantizer(4, signed=True, per_channel=True, channels=3))]
+        [torch.Size([3])]
+    """
+    names = getattr(q, "range_names", DEFAULT_RANGE_NAMES)
+    return [t for t in (getattr(q, n, None) for n in names) if isinstance(t, Tensor)]
 
 
 # --------------------------------------------------------------------------- data parallel

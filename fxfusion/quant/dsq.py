@@ -35,10 +35,12 @@ Initialization on the first batch: ``u = max(x)``, ``l = min(min(x), 0)`` (per c
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from fxfusion.quant.base import _MIN_SCALE, QParams, Quantizer, _expand, fake_quantize, round_ste
+from fxfusion.quant.base import _MIN_SCALE, QParams, Quantizer, _expand, clip, fake_quantize, round_ste
 
 __all__ = ["DSQQuantizer"]
 
@@ -50,12 +52,9 @@ class DSQQuantizer(Quantizer):
     """Differentiable soft quantizer (DSQ): tanh-smoothed steps in training, hard steps in eval.
 
     Args:
-        bits: bit width, 2..8.
-        signed: signed codes; a signed activation learns both clip bounds.
-        role: ``"weight"`` or ``"act"``; default ``"weight"`` when ``per_channel`` else ``"act"``.
-        per_channel: one clip range per channel along ``axis`` (weights).
-        channels: number of channels when ``per_channel``.
-        axis: channel axis when ``per_channel`` (default 0).
+        bits, signed, role, per_channel, channels, axis: see :class:`Quantizer`; a signed
+            activation learns both clip bounds (asymmetric grid), per-channel quantizers keep one
+            clip range per channel (weights).
         alpha: initial characteristic variable (0.2 in the paper).
         soft_forward: training forward returns Q_S (True, the paper) or the hard grid value with
             Q_S's gradient (False).
@@ -68,37 +67,23 @@ class DSQQuantizer(Quantizer):
         >>> y_hard = q.eval()(torch.rand(16))
     """
 
-    def __init__(
-        self,
-        bits: int,
-        *,
-        signed: bool,
-        role: str | None = None,
-        per_channel: bool = False,
-        channels: int | None = None,
-        axis: int | None = None,
-        alpha: float = 0.2,
-        soft_forward: bool = True,
-    ) -> None:
-        super().__init__(
-            bits,
-            signed=signed,
-            role=role,
-            per_channel=per_channel,
-            channels=channels,
-            axis=axis,
-            signed_act_scheme="asymmetric",
-        )
+    signed_act_scheme = "asymmetric"
+    range_names = ("upper", "lower")  # not alpha: it shapes the steps, not the range
+
+    def __init__(self, bits: int, *, alpha: float = 0.2, soft_forward: bool = True, **config: Any) -> None:
+        super().__init__(bits, **config)
         if not ALPHA_MIN <= alpha <= ALPHA_MAX:
             raise ValueError(
                 f"DSQQuantizer: alpha={alpha!r} is outside [{ALPHA_MIN}, {ALPHA_MAX}]; "
                 f"the paper starts from alpha=0.2"
             )
         self.soft_forward = bool(soft_forward)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+
+    def _make_params(self) -> None:
         self.upper = nn.Parameter(torch.ones(self.param_shape))
         if self.scheme == "asymmetric":
             self.lower = nn.Parameter(torch.full(self.param_shape, -1.0))
-        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
 
     def _initialize(self, x: Tensor) -> None:
         lo, hi = self._reduce_min_max(x)
@@ -115,7 +100,7 @@ class DSQQuantizer(Quantizer):
             # l rounded to the grid (its code is the zero point); round_ste lets the gradient
             # reach `lower` unchanged.
             lower = self.lower.clamp(max=0)
-            code = torch.clamp(round_ste(self.qmin - lower / delta), self.qmin, self.qmax)
+            code = clip(round_ste(self.qmin - lower / delta), self.qmin, self.qmax)
             return delta, zero_point, (self.qmin - code) * delta
         upper = self.upper.clamp(min=_MIN_SCALE)
         delta, zero_point = self._affine(-upper, upper)
@@ -137,7 +122,7 @@ class DSQQuantizer(Quantizer):
         alpha = self.alpha.clamp(ALPHA_MIN, ALPHA_MAX)
         k_delta = torch.log(2.0 / alpha - 1.0)  # k * delta
         s = 1.0 / (1.0 - alpha)
-        t = torch.clamp((x - lower) / delta, 0, n)
+        t = clip((x - lower) / delta, 0, n)
         i = torch.floor(t.detach()).clamp(0, n - 1)  # interval index, piecewise constant
         phi = s * torch.tanh(k_delta * (t - i - 0.5))
         return lower + delta * (i + (phi + 1.0) / 2.0)

@@ -33,7 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fxfusion.quant.base import _MIN_SCALE, QParams, Quantizer, _expand, grad_scale, round_ste
+from fxfusion.quant.base import _MIN_SCALE, QParams, Quantizer, _expand, clip, grad_scale, round_ste
 
 __all__ = ["LSQQuantizer"]
 
@@ -42,12 +42,9 @@ class LSQQuantizer(Quantizer):
     """Learned step size fake quantizer (LSQ).
 
     Args:
-        bits: bit width, 2..8.
-        signed: signed codes (weights, signed activations) or unsigned (ReLU outputs).
-        role: ``"weight"`` or ``"act"``; default ``"weight"`` when ``per_channel`` else ``"act"``.
-        per_channel: one step per channel along ``axis`` (weights).
-        channels: number of channels when ``per_channel``.
-        axis: channel axis when ``per_channel`` (default 0).
+        bits, signed, role, per_channel, channels, axis: see :class:`Quantizer`; signed
+            activations use the full signed range with zero point 0 (symmetric, as in the paper),
+            per-channel quantizers learn one step per channel (weights).
 
     Learned parameter: ``step``, shape ``()`` or ``(channels,)``.
 
@@ -58,25 +55,10 @@ class LSQQuantizer(Quantizer):
         torch.Size([8])
     """
 
-    def __init__(
-        self,
-        bits: int,
-        *,
-        signed: bool,
-        role: str | None = None,
-        per_channel: bool = False,
-        channels: int | None = None,
-        axis: int | None = None,
-    ) -> None:
-        super().__init__(
-            bits,
-            signed=signed,
-            role=role,
-            per_channel=per_channel,
-            channels=channels,
-            axis=axis,
-            signed_act_scheme="symmetric",
-        )
+    signed_act_scheme = "symmetric"
+    range_names = ("step",)
+
+    def _make_params(self) -> None:
         self.step = nn.Parameter(torch.ones(self.param_shape))
 
     def _initialize(self, x: Tensor) -> None:
@@ -87,7 +69,7 @@ class LSQQuantizer(Quantizer):
     def _quantize(self, x: Tensor) -> Tensor:
         g = 1.0 / math.sqrt(self._numel_per_scale(x) * self.qmax)
         s = _expand(grad_scale(self._step(), g), x, self.axis)
-        return round_ste(torch.clamp(x / s, self.qmin, self.qmax)) * s
+        return round_ste(clip(x / s, self.qmin, self.qmax)) * s
 
     def _step(self) -> Tensor:
         # A step driven to <= 0 by the optimizer would flip the grid; keep it positive.

@@ -26,6 +26,8 @@ parameters.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -38,12 +40,9 @@ class MinMaxQuantizer(Quantizer):
     """Running min/max fake quantizer with STE rounding.
 
     Args:
-        bits: bit width, 2..8.
-        signed: signed codes; a signed activation gets an integer zero point (asymmetric).
-        role: ``"weight"`` or ``"act"``; default ``"weight"`` when ``per_channel`` else ``"act"``.
-        per_channel: one range per channel along ``axis`` (weights).
-        channels: number of channels when ``per_channel``.
-        axis: channel axis when ``per_channel`` (default 0).
+        bits, signed, role, per_channel, channels, axis: see :class:`Quantizer`; a signed
+            activation gets an integer zero point (asymmetric), per-channel quantizers keep one
+            range per channel (weights).
         momentum: EMA momentum in ``(0, 1]``; default 0.1 for activations, 1.0 for weights.
 
     Buffers: ``running_min``, ``running_max``.
@@ -55,31 +54,18 @@ class MinMaxQuantizer(Quantizer):
         0
     """
 
-    def __init__(
-        self,
-        bits: int,
-        *,
-        signed: bool,
-        role: str | None = None,
-        per_channel: bool = False,
-        channels: int | None = None,
-        axis: int | None = None,
-        momentum: float | None = None,
-    ) -> None:
-        super().__init__(
-            bits,
-            signed=signed,
-            role=role,
-            per_channel=per_channel,
-            channels=channels,
-            axis=axis,
-            signed_act_scheme="asymmetric",
-        )
+    signed_act_scheme = "asymmetric"
+    range_names = ("running_min", "running_max")
+
+    def __init__(self, bits: int, *, momentum: float | None = None, **config: Any) -> None:
+        super().__init__(bits, **config)
         if momentum is None:
             momentum = 1.0 if self.role == "weight" else 0.1
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"MinMaxQuantizer: momentum={momentum!r} must be in (0, 1], e.g. 0.1")
         self.momentum = float(momentum)
+
+    def _make_params(self) -> None:
         self.register_buffer("running_min", torch.zeros(self.param_shape))
         self.register_buffer("running_max", torch.ones(self.param_shape))
 

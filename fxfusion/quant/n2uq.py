@@ -58,16 +58,50 @@ __all__ = ["N2UQQuantizer"]
 _MIN_WIDTH = 1e-6
 
 
+class _GSTE(torch.autograd.Function):
+    """``y = s * code(x)`` forward; the G-STE gradients of the module docstring backward.
+
+    One autograd node for the whole elementwise part. It keeps the input and two small integer
+    indices (the code and the interval), and sums the per-element gradients of the interval
+    boundaries and widths with one ``index_add_`` each: autograd through ``bounds[j]`` would
+    save several full-size tensors and scatter those gradients with an accumulating index put.
+    The small per-parameter algebra (cumsum, clamp, gradient scale) stays in autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bounds: Tensor, widths: Tensor, thresholds: Tensor, step: Tensor,
+                qmin: int) -> Tensor:
+        x_search = x.detach().to(bounds.dtype).contiguous()  # bucketize needs one dtype (e.g. fp16 inputs)
+        k = torch.bucketize(x_search, thresholds)  # code - qmin
+        j = torch.bucketize(x_search, bounds.detach()) - 1  # interval index: T_j < x <= T_{j+1}
+        ctx.save_for_backward(x, k.to(torch.int16), j.to(torch.int16), bounds, widths, step)
+        ctx.qmin = qmin
+        return step * (qmin + k).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:
+        x, k, j, bounds, widths, step = ctx.saved_tensors
+        n = widths.numel()
+        j = j.long()
+        valid = (j >= 0) & (j < n)
+        jc = j.clamp(0, n - 1)
+        w, b = widths[jc], bounds[jc]
+        gs = torch.where(valid, grad * step / w, torch.zeros_like(w))  # dy/dx = s / a_j inside
+        idx = jc.flatten()
+        # per-interval sums (a fixed-size index_add, where bincount's size would depend on the data)
+        grad_bounds = gs.new_zeros(n + 1).index_add_(0, idx, -gs.flatten())  # dy/dT_j = -s / a_j
+        grad_widths = gs.new_zeros(n).index_add_(0, idx, (-gs * (x - b) / w).flatten())
+        grad_step = (grad * (ctx.qmin + k).to(grad.dtype)).sum().reshape(step.shape)  # dy/ds = code
+        return gs.to(x.dtype), grad_bounds.to(bounds.dtype), grad_widths.to(widths.dtype), None, grad_step, None
+
+
 class N2UQQuantizer(Quantizer):
     """Nonuniform-to-uniform quantizer: learned input thresholds, uniform output levels.
 
     Args:
-        bits: bit width, 2..8.
-        signed: signed output codes.
-        role: ``"weight"`` or ``"act"``; default ``"weight"`` when ``per_channel`` else ``"act"``.
-        per_channel: weights only; one L1-norm scale per channel along ``axis``.
-        channels: number of channels when ``per_channel``.
-        axis: channel axis when ``per_channel`` (default 0).
+        bits, signed, role, per_channel, channels, axis: see :class:`Quantizer`; signed means
+            signed output codes (zero point 0), and ``per_channel`` applies to weights only (one
+            L1-norm scale per channel).
 
     Learned parameters (activations): ``start``, ``widths`` (shape ``(2^b - 1,)``), ``step``.
     Buffer (weights): ``step``, the per-channel scale of the last training forward.
@@ -79,25 +113,10 @@ class N2UQQuantizer(Quantizer):
         torch.Size([3])
     """
 
-    def __init__(
-        self,
-        bits: int,
-        *,
-        signed: bool,
-        role: str | None = None,
-        per_channel: bool = False,
-        channels: int | None = None,
-        axis: int | None = None,
-    ) -> None:
-        super().__init__(
-            bits,
-            signed=signed,
-            role=role,
-            per_channel=per_channel,
-            channels=channels,
-            axis=axis,
-            signed_act_scheme="symmetric",
-        )
+    signed_act_scheme = "symmetric"
+    range_names = ("start", "widths", "step")
+
+    def _make_params(self) -> None:
         if self.role == "weight":
             self.register_buffer("step", torch.ones(self.param_shape))
             return
@@ -144,16 +163,7 @@ class N2UQQuantizer(Quantizer):
         widths = grad_scale(self.widths, g).clamp(min=_MIN_WIDTH)
         bounds = grad_scale(self.start, g) + torch.cat([widths.new_zeros(1), torch.cumsum(widths, 0)])
         thresholds = bounds[:-1] + widths / 2
-        n = widths.numel()
-
-        x_search = x.detach().to(bounds.dtype).contiguous()  # bucketize needs one dtype (e.g. fp16 inputs)
-        code = self.qmin + torch.bucketize(x_search, thresholds.detach()).to(x.dtype)
-        # G-STE: the piecewise-linear F(x), evaluated by interval index j (T_j < x <= T_{j+1}).
-        j = torch.bucketize(x_search, bounds.detach()) - 1
-        jc = j.clamp(0, n - 1)
-        inside = jc + (x - bounds[jc]) / widths[jc]
-        ramp = torch.where(j < 0, torch.zeros_like(inside), torch.where(j >= n, torch.full_like(inside, n), inside))
-        return grad_scale(self._step(), g) * (code + (ramp - ramp.detach()))
+        return _GSTE.apply(x, bounds, widths, thresholds.detach(), grad_scale(self._step(), g), self.qmin)
 
     def _step(self) -> Tensor:
         return self.step.clamp(min=_MIN_SCALE)

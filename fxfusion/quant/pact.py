@@ -35,6 +35,8 @@ current weights on every training forward (frozen in eval), gradient ``dy/dw = 1
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -47,12 +49,9 @@ class PACTQuantizer(Quantizer):
     """PACT fake quantizer: a learned activation clip, uniform levels inside it.
 
     Args:
-        bits: bit width, 2..8.
-        signed: signed codes; a signed activation learns a lower clip ``beta`` too.
-        role: ``"weight"`` or ``"act"``; default ``"weight"`` when ``per_channel`` else ``"act"``.
-        per_channel: one clip (activations) or range (weights) per channel along ``axis``.
-        channels: number of channels when ``per_channel``.
-        axis: channel axis when ``per_channel`` (default 0).
+        bits, signed, role, per_channel, channels, axis: see :class:`Quantizer`; a signed
+            activation learns a lower clip ``beta`` too (asymmetric grid), per-channel quantizers
+            keep one clip (activations) or range (weights) per channel.
         init_alpha: constant initial clip; None initializes from the first batch.
 
     Learned parameters (activations): ``alpha`` and, when signed, ``beta``.
@@ -64,49 +63,40 @@ class PACTQuantizer(Quantizer):
         >>> loss = y.square().mean() + 1e-4 * q.regularizer()
     """
 
-    def __init__(
-        self,
-        bits: int,
-        *,
-        signed: bool,
-        role: str | None = None,
-        per_channel: bool = False,
-        channels: int | None = None,
-        axis: int | None = None,
-        init_alpha: float | None = None,
-    ) -> None:
-        super().__init__(
-            bits,
-            signed=signed,
-            role=role,
-            per_channel=per_channel,
-            channels=channels,
-            axis=axis,
-            signed_act_scheme="asymmetric",
-        )
+    signed_act_scheme = "asymmetric"
+    range_names = ("alpha", "beta", "running_min", "running_max")
+
+    def __init__(self, bits: int, *, init_alpha: float | None = None, **config: Any) -> None:
+        super().__init__(bits, **config)
         if init_alpha is not None and not init_alpha > 0:
             raise ValueError(f"PACTQuantizer: init_alpha={init_alpha!r} must be > 0, e.g. 6.0")
         self.init_alpha = init_alpha
+        if init_alpha is not None and self.role == "act":
+            with torch.no_grad():
+                self._set_clip(torch.tensor(-float(init_alpha)), torch.tensor(float(init_alpha)))
+
+    def _make_params(self) -> None:
         if self.role == "weight":
             self.register_buffer("running_min", torch.zeros(self.param_shape))
             self.register_buffer("running_max", torch.ones(self.param_shape))
-        else:
-            start = 1.0 if init_alpha is None else float(init_alpha)
-            self.alpha = nn.Parameter(torch.full(self.param_shape, start))
-            if self.scheme == "asymmetric":
-                self.beta = nn.Parameter(torch.full(self.param_shape, -start))
+            return
+        self.alpha = nn.Parameter(torch.ones(self.param_shape))
+        if self.scheme == "asymmetric":
+            self.beta = nn.Parameter(torch.full(self.param_shape, -1.0))
+
+    def _set_clip(self, lo: Tensor, hi: Tensor) -> None:
+        """Activations: ``alpha = hi`` and, when signed, ``beta = min(lo, 0)``."""
+        self.alpha.copy_(hi.clamp(min=_MIN_SCALE))
+        if self.scheme == "asymmetric":
+            self.beta.copy_(lo.clamp(max=0))
 
     def _initialize(self, x: Tensor) -> None:
         lo, hi = self._reduce_min_max(x)
         if self.role == "weight":
             self.running_min.copy_(lo)
             self.running_max.copy_(hi)
-            return
-        if self.init_alpha is not None:
-            return
-        self.alpha.copy_(hi.clamp(min=_MIN_SCALE))
-        if self.scheme == "asymmetric":
-            self.beta.copy_(lo.clamp(max=0))
+        elif self.init_alpha is None:
+            self._set_clip(lo, hi)
 
     def _quantize(self, x: Tensor) -> Tensor:
         if self.role == "weight":

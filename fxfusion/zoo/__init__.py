@@ -3,7 +3,7 @@
 Each entry of ``ZOO`` names a builder, its default input shape (batch included) and the number
 of fusion sites that fxfusion should find in it at the default arguments. A fusion site is a
 cat, or an add, of two or more activations along the feature axis whose result reaches a conv,
-linear or norm layer before any model output (see DESIGN.md, principle 4). Each model's module
+linear or norm layer before any model output (see docs/DESIGN.md, "What a site is"). Each model's module
 docstring lists its sites.
 
 Example:
@@ -60,10 +60,10 @@ ZOO: dict[str, ZooEntry] = {
         "yolov8",
         yolov8_tiny,
         (2, 3, 64, 64),
-        # 6 Bottleneck adds inside the backbone C2f layers (2/4/6/8 hold 1+2+2+1) + 1 SPPF cat (9)
-        # + 4 neck Concats (11, 14, 17, 20). C2f cats are untraceable; Detect cats are outputs.
-        11,
-        "YOLOv8 topology, untraceable C2f, anchor-free Detect, routing by m.f/m.i",
+        # 8 C2f cats + 6 Bottleneck adds inside the backbone C2f layers (2/4/6/8 hold 1+2+2+1)
+        # + 1 SPPF cat (9) + 4 neck Concats (11, 14, 17, 20). Detect cats are outputs.
+        19,
+        "YOLOv8 topology, C2f (chunk iterated), anchor-free Detect, routing by m.f/m.i",
     ),
     "unet": ZooEntry(
         "unet",

@@ -3,8 +3,9 @@
 Kept faithfully, because fxfusion must survive it:
 - the same spec-built ``nn.Sequential`` routed by the integer attributes ``m.f`` and ``m.i`` as
   in YOLOv5;
-- ``C2f`` builds a Python list from ``chunk`` and extends it, so ``torch.fx`` cannot trace it
-  ("Proxy object cannot be iterated"), and hence cannot trace the whole model;
+- ``C2f`` builds a Python list from ``chunk`` and extends it: ``torch.fx`` alone cannot iterate a
+  proxy ("Proxy object cannot be iterated"); fxfusion's tracer iterates a ``chunk`` into a constant
+  number of pieces;
 - the anchor-free ``Detect`` compares a runtime shape with one stored on ``self`` in eval mode
   (``if self.shape != shape``) before rebuilding its anchor points.
 Bottleneck, SPPF and Concat trace on their own.
@@ -12,12 +13,14 @@ Bottleneck, SPPF and Concat trace on their own.
 Decoding is DFL-free: the box branch predicts four distances (left, top, right, bottom) from
 the anchor point, in units of the level's stride.
 
-Fusion sites at the default depth multiple 0.33 (11 in all):
+Fusion sites at the default depth multiple 0.33 (19 in all):
+- 8 C2f cats (layers 2, 4, 6, 8, 12, 15, 18, 21) of the chunk halves and every bottleneck output;
 - 6 Bottleneck shortcut adds inside the backbone C2f layers (layers 2, 4, 6, 8 hold 1, 2, 2, 1);
 - 1 SPPF cat (layer 9);
 - 4 neck Concat layers (11, 14, 17, 20).
-Not counted: the C2f cats (C2f cannot be traced, so they are reported as unreachable), the neck
-C2f layers (``shortcut=False``: no adds), and the Detect cats, which go straight to the output.
+Not counted: the neck C2f layers' adds (``shortcut=False``: there are none), and the Detect cats,
+which go straight to the output (Detect assigns into its input list, so torch.fx cannot trace it;
+it is reported as untraceable with that reason).
 """
 
 from __future__ import annotations

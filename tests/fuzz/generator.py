@@ -57,8 +57,10 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import fxfusion
+from fxfusion.deployed import DeployedFusion
 from fxfusion.gabfusion import GABFusion
-from fxfusion.passes.fold import calibration_batches, freeze
+from fxfusion.passes.calibrate import calibration_batches
+from fxfusion.passes.freeze import freeze
 from fxfusion.passes.verify import MAX_MISMATCH_FRACTION
 
 __all__ = [
@@ -103,10 +105,13 @@ MIN_TOKEN_FEATURES = 4
 # test_fuzz.py; when find is fixed, that test fails: flip the flag here.
 # image x.mean((2, 3)) -> Linear: fixed, test_fusion_read_by_a_global_pooled_linear_head_is_a_site
 FIND_WALKS_THROUGH_IMAGE_MEAN = True
-# tokens.mean(1) -> Linear: test_token_fusion_read_by_a_mean_pooled_linear_head_is_a_site
-FIND_WALKS_THROUGH_TOKEN_MEAN = False
-# tokens.transpose(1, 2).unflatten(2, (H, W)) -> Conv: test_token_residual_add_read_by_a_conv_after_unflatten_is_a_site
-FIND_WALKS_THROUGH_TRANSPOSE = False
+# tokens.mean(1) -> Linear: fixed, test_token_fusion_read_by_a_mean_pooled_linear_head_is_a_site
+FIND_WALKS_THROUGH_TOKEN_MEAN = True
+# tokens.transpose(1, 2).unflatten(2, (H, W)) -> Conv: fixed,
+# test_token_residual_add_read_by_a_conv_after_unflatten_is_a_site
+FIND_WALKS_THROUGH_TRANSPOSE = True
+# image.flatten(2).transpose(1, 2) -> token layers: fixed (the channels become the token features)
+FIND_WALKS_THROUGH_EMBED = True
 # add -> torch.concatenate -> Conv: fixed, test_add_feeding_a_cat_is_a_site[concatenate]
 FIND_WALKS_THROUGH_CONCATENATE = True
 
@@ -569,7 +574,7 @@ def _flow(step: Step, layers: Sequence[tuple]) -> str:
         return "transparent" if walks else "stop"
     if step.op == "unembed":
         return "transparent" if FIND_WALKS_THROUGH_TRANSPOSE else "stop"
-    return "stop"  # embed
+    return "transparent" if FIND_WALKS_THROUGH_EMBED else "stop"  # embed
 
 
 def _count_sites(steps: Sequence[Step], layers: Sequence[tuple], outputs: tuple[int, ...]) -> tuple[int, bool]:
@@ -896,7 +901,7 @@ def check_identity(spec: NetSpec, model: nn.Module, x: Tensor, report: fxfusion.
     """rewrite(alpha="fixed", alpha_init=1, norm="none") places every site and leaves the eval outputs
     bit for bit unchanged."""
     with _stage("rewrite"), _no_warnings():
-        same = fxfusion.rewrite(model, sites=report, alpha="fixed", alpha_init=1.0, norm="none")
+        same = fxfusion.rewrite(model, sites=report, fold="any", alpha="fixed", alpha_init=1.0, norm="none")
     placed = len(same.fxfusion_reports["rewrite"].placed)
     if placed != spec.sites:
         raise PropertyFailed("rewrite_placed", f"rewrite placed {placed} of {spec.sites} site(s)\n"
@@ -923,7 +928,7 @@ def check_float_deploy(spec: NetSpec, model: nn.Module, report: fxfusion.FusionR
     range; when no site stayed explicit, no GABFusion module is left (the original topology).
     ``stats`` is deploy's LayerNorm freeze."""
     with _stage("rewrite"), _no_warnings():
-        rw = fxfusion.rewrite(model, sites=report)
+        rw = fxfusion.rewrite(model, sites=report, fold="any")
     _randomize_alpha(rw, spec.seed)
     with _stage("deploy(float)"), _no_warnings():
         deployed = fxfusion.deploy(rw, batches, stats=stats, progress=False)
@@ -940,7 +945,7 @@ def check_float_deploy(spec: NetSpec, model: nn.Module, report: fxfusion.FusionR
                              f"every site reported exact, but max_vs_frozen_ln = {dev:.3g} (output range "
                              f"{out_range:.3g}; largest frozen |A| or |B| {largest:.3g})\n{dep}")
     explicit = sum(1 for s in dep.sites if "explicit" in s["target"])
-    left = [p for p, m in deployed.named_modules() if isinstance(m, GABFusion)]
+    left = [p for p, m in deployed.named_modules() if isinstance(m, (GABFusion, DeployedFusion))]
     if not explicit and left:
         raise PropertyFailed("topology", f"every site folded, but GABFusion modules remain at {left}")
     return {"exact": exact, "max_vs_frozen_ln": dev, "output_range": out_range, "explicit": explicit, "stats": stats}
@@ -949,8 +954,8 @@ def check_float_deploy(spec: NetSpec, model: nn.Module, report: fxfusion.FusionR
 def _largest_affine(model: nn.Module, batches: list[Tensor], stats: str) -> float:
     """The largest |A| or |B| of the LayerNorm freezes ``A⊙h + B`` of ``model`` on ``batches``."""
     frozen = copy.deepcopy(model)
-    freeze(frozen, calibration_batches(batches), stats=stats, inplace=True)
-    coefficients = [t.abs().max() for m in frozen.modules() if isinstance(m, GABFusion) for t in m.frozen_affine()]
+    sites = freeze(frozen, calibration_batches(batches), stats=stats)
+    coefficients = [t.abs().max() for site in sites.values() for t in (site.scale, site.shift)]
     return float(max(coefficients, default=torch.tensor(0.0)))
 
 
@@ -963,7 +968,7 @@ def check_qat_pipeline(spec: NetSpec, model: nn.Module, report: fxfusion.FusionR
         raise TypeError("check_qat_pipeline needs a tmpdir for the ONNX file")
     train, calib, check = inputs(spec, 2, 1), inputs(spec, 2, 2), inputs(spec, 1, 3)[0]
     with _stage("rewrite"), _no_warnings():
-        qat = fxfusion.rewrite(model, sites=report)
+        qat = fxfusion.rewrite(model, sites=report, fold="any")
     with _stage("quantize"), _no_warnings():
         qat = fxfusion.quantize(qat, train[0], method=method, w_bits=w_bits, a_bits=a_bits)
     with _stage("train"):

@@ -40,7 +40,7 @@ ao = pytest.importorskip("torch.ao.quantization")
 
 import fxfusion  # noqa: E402
 from fxfusion.gabfusion import GABFusion, set_gate  # noqa: E402
-from fxfusion.quant import QParams, QuantizerProtocol  # noqa: E402
+from fxfusion.quant import QParams, QuantizerProtocol, is_quantizer, range_tensors  # noqa: E402
 from fxfusion.quant.ao import AOFakeQuantizer, ao_factory  # noqa: E402
 from fxfusion.quant.layers import is_quantized  # noqa: E402
 
@@ -89,6 +89,14 @@ def _onnx_qdq(x: Tensor, qp: QParams) -> Tensor:
 
 
 # --------------------------------------------------------------------------- the adapter
+
+
+@pytest.mark.parametrize("learnable", [False, True], ids=["FakeQuantize", "_LearnableFakeQuantize"])
+def test_adapter_is_a_quantizer_without_range_tensors(learnable):
+    # Its scale lives in the wrapped module and the observer recomputes it: nothing to rescale.
+    q = AOFakeQuantizer(_fake_quantize(True, True, learnable))
+    assert is_quantizer(q) and not is_quantizer(q.fake_quant)
+    assert q.range_names == () and range_tensors(q) == []
 
 
 @pytest.mark.parametrize("learnable", [False, True], ids=["FakeQuantize", "_LearnableFakeQuantize"])

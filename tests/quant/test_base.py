@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -14,14 +16,18 @@ from fxfusion.quant import (
     N2UQQuantizer,
     PACTQuantizer,
     QParams,
+    Quantizer,
     QuantizerProtocol,
     check_bits,
     fake_quantize,
     grad_scale,
+    is_quantizer,
     make_quantizer,
     qrange,
+    range_tensors,
     round_ste,
 )
+from fxfusion.quant.base import DEFAULT_RANGE_NAMES
 
 METHODS = sorted(QUANTIZERS)
 
@@ -145,6 +151,124 @@ def test_protocol_accepts_builtins_and_user_modules() -> None:
         assert isinstance(make_quantizer(method, bits=4, role="act", signed=False), QuantizerProtocol)
     assert isinstance(_UserQuantizer(), QuantizerProtocol)
     assert not isinstance(nn.ReLU(), QuantizerProtocol)
+
+
+def test_is_quantizer_needs_the_whole_protocol_on_a_module() -> None:
+    for method in METHODS:
+        assert is_quantizer(make_quantizer(method, bits=4, role="weight", signed=True, channels=2))
+    assert is_quantizer(_UserQuantizer())
+    assert not is_quantizer(nn.ReLU())
+    assert not is_quantizer(None)
+    # Every attribute is there, but it is no module: it cannot sit in a model.
+    user = _UserQuantizer()
+    lookalike = SimpleNamespace(**{k: getattr(user, k) for k in ("bits", "signed", "per_channel", "axis", "enabled")},
+                                forward=user.forward, qparams=user.qparams)
+    assert isinstance(lookalike, QuantizerProtocol) and not is_quantizer(lookalike)
+    # A module with qparams() but no bits (the old hasattr test accepted it) is not a quantizer.
+    partial = _UserQuantizer()
+    del partial.bits
+    assert not is_quantizer(partial)
+
+
+# --------------------------------------------------------------------------- range tensors
+
+
+# (role, signed, channels) -> the range tensors each method has in that configuration.
+_RANGES = {
+    "lsq": {"weight": ["step"], "act-unsigned": ["step"], "act-signed": ["step"]},
+    "pact": {"weight": ["running_min", "running_max"], "act-unsigned": ["alpha"], "act-signed": ["alpha", "beta"]},
+    "dsq": {"weight": ["upper"], "act-unsigned": ["upper"], "act-signed": ["upper", "lower"]},
+    "n2uq": {"weight": ["step"], "act-unsigned": ["start", "widths", "step"],
+             "act-signed": ["start", "widths", "step"]},
+    "minmax": {"weight": ["running_min", "running_max"], "act-unsigned": ["running_min", "running_max"],
+               "act-signed": ["running_min", "running_max"]},
+}
+_CONFIGS = {"weight": ("weight", True, 3), "act-unsigned": ("act", False, None), "act-signed": ("act", True, None)}
+
+
+@pytest.mark.parametrize("config", sorted(_CONFIGS))
+@pytest.mark.parametrize("method", METHODS)
+def test_range_tensors_are_the_named_tensors_themselves(method: str, config: str) -> None:
+    role, signed, channels = _CONFIGS[config]
+    q = make_quantizer(method, bits=4, role=role, signed=signed, channels=channels)
+    assert "range_names" in type(q).__dict__, "each method declares its own range_names"
+    tensors, names = range_tensors(q), _RANGES[method][config]
+    assert len(tensors) == len(names) and all(t is getattr(q, n) for t, n in zip(tensors, names))
+
+
+@pytest.mark.parametrize("config", sorted(_CONFIGS))
+@pytest.mark.parametrize("method", METHODS)
+def test_scaling_the_range_tensors_stretches_the_grid(method: str, config: str) -> None:
+    role, signed, channels = _CONFIGS[config]
+    q = make_quantizer(method, bits=4, role=role, signed=signed, channels=channels)
+    q(torch.randn(3, 8) if signed else torch.rand(3, 8))
+    q.eval()
+    before = q.qparams()
+    with torch.no_grad():
+        for t in range_tensors(q):
+            t.mul_(2.0)
+    after = q.qparams()
+    torch.testing.assert_close(after.scale, 2 * before.scale)
+    torch.testing.assert_close(after.zero_point, before.zero_point)
+    if before.thresholds is not None:
+        torch.testing.assert_close(after.thresholds, 2 * before.thresholds)
+
+
+def test_range_tensors_of_a_foreign_quantizer_use_the_default_names() -> None:
+    q = _UserQuantizer()
+    q.register_buffer("step", torch.tensor(0.5))
+    q.upper = 3.0  # not a tensor: skipped
+    assert "step" in DEFAULT_RANGE_NAMES and "upper" in DEFAULT_RANGE_NAMES
+    assert [t is q.step for t in range_tensors(q)] == [True]
+    q.range_names = ()
+    assert range_tensors(q) == []
+
+
+# --------------------------------------------------------------------------- subclassing
+
+
+class _Clip(Quantizer):
+    """A minimal subclass: the class attributes and the _make_params hook, no __init__."""
+
+    signed_act_scheme = "asymmetric"
+    range_names = ("hi",)
+
+    def _make_params(self) -> None:
+        self.hi = nn.Parameter(torch.ones(self.param_shape))
+
+
+def test_subclass_configures_through_class_attributes_and_the_hook() -> None:
+    q = _Clip(4, signed=True, per_channel=True, channels=3, role="act")
+    assert q.scheme == "asymmetric" and q.hi.shape == (3,)
+    assert [t is q.hi for t in range_tensors(q)] == [True]
+    assert _Clip(4, signed=True, role="weight", per_channel=True, channels=2).scheme == "symmetric"
+    # The keyword still overrides the class attribute (subclasses written against the old base).
+    assert _Clip(4, signed=True, signed_act_scheme="symmetric").scheme == "symmetric"
+    with pytest.raises(ValueError, match="signed_act_scheme='affine'"):
+        _Clip(4, signed=True, signed_act_scheme="affine")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_signed_activation_scheme_per_method(method: str) -> None:
+    expected = "symmetric" if method in ("lsq", "n2uq") else "asymmetric"
+    assert QUANTIZERS[method].signed_act_scheme == expected
+    assert make_quantizer(method, bits=4, role="act", signed=True).scheme == expected
+
+
+def test_constructor_options_stay_keywords_of_their_class() -> None:
+    pact = PACTQuantizer(4, signed=True, init_alpha=2.0)
+    assert (pact.alpha.item(), pact.beta.item(), pact.init_alpha) == (2.0, -2.0, 2.0)
+    weight = PACTQuantizer(4, signed=True, role="weight", per_channel=True, channels=2, init_alpha=2.0)
+    assert weight.running_max.shape == (2,) and not hasattr(weight, "alpha")
+    dsq = DSQQuantizer(3, signed=False, alpha=0.3, soft_forward=False)
+    assert (round(dsq.alpha.item(), 6), dsq.soft_forward) == (0.3, False)
+    assert [n for n, _ in DSQQuantizer(3, signed=True).named_parameters()] == ["upper", "lower", "alpha"]
+    assert MinMaxQuantizer(8, signed=False, momentum=0.5).momentum == 0.5
+    for cls, option in ((LSQQuantizer, "init_alpha"), (DSQQuantizer, "momentum"), (N2UQQuantizer, "alpha")):
+        with pytest.raises(TypeError, match=option):
+            cls(4, signed=False, **{option: 1.0})
+    with pytest.raises(ValueError, match="init_alpha=-1"):
+        PACTQuantizer(4, signed=False, init_alpha=-1.0)
 
 
 # --------------------------------------------------------------------------- factory

@@ -76,7 +76,7 @@ def test_parameter_gradients_match_the_paper_formula(primed, bits: int) -> None:
     q = DSQQuantizer(bits, signed=True, alpha=alpha).double()
     primed(q, lower=lower, upper=upper)
     q.train()
-    x = torch.linspace(lower - 0.3, upper + 0.3, 41, dtype=torch.float64, requires_grad=True)
+    x = torch.linspace(lower - 0.3, upper + 0.3, 41, dtype=torch.float64, requires_grad=True)  # l, u sampled
     upstream = torch.randn(41, dtype=torch.float64)
     q(x).backward(upstream)
 

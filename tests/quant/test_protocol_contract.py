@@ -235,3 +235,15 @@ def test_output_keeps_the_input_dtype(method: str, role: str, signed: bool, chan
         y = q(x)
         y.float().sum().backward()
         assert y.dtype == dtype and x.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reset_makes_the_next_forward_initialize_again(method: str) -> None:
+    q = make_quantizer(method, bits=4, role="act", signed=False)
+    q(torch.rand(64))  # range from [0, 1)
+    first = q.qparams().scale.clone()
+    q.reset()
+    assert not q.ready
+    q(10 * torch.rand(64))  # range from [0, 10)
+    assert q.ready and bool(q.initialized)
+    assert float(q.qparams().scale.max()) > 2 * float(first.max())

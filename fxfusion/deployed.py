@@ -1,0 +1,109 @@
+"""The deployed form of a fusion site: ``fuse(s_1⊙x_1, ..., s_K⊙x_K) + b``, or the bare op.
+
+:class:`~fxfusion.GABFusion` is what trains; this is what a site becomes in
+:func:`fxfusion.deploy`, as torchao turns its train-time modules into converted ones. Deploy first
+freezes each training site into this form (its α and its normalization, now a fixed per-channel
+affine ``A⊙h + B``, give ``s_i = α_i·A`` and ``b = B``), then folds the scales and the shift
+into neighbouring layers. A site whose affine was folded away is the bare op (``scales`` and
+``shift`` None): its owner then gets its original forward back and the module disappears. A
+site that could not be folded keeps its per-channel ``scales``/``shift`` and exports as float
+Mul/Add around the Concat or Add.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fxfusion.gabfusion import GABFusion, branches, fuse
+
+__all__ = ["DeployedFusion"]
+
+
+class DeployedFusion(nn.Module):
+    """A fused site with fixed per-channel branch scales and an output shift (deploy's result).
+
+    Args:
+        op: ``"cat"`` or ``"add"``.
+        num_branches: K.
+        dim: the feature axis.
+        add_tree: the original nesting of a K > 2 add (see :class:`GABFusion`).
+        scales: per branch, a per-channel scale along ``dim`` (its width for a cat, the full
+            width for an add); None: no scaling.
+        shift: per-channel shift of the fused output; None: no shift.
+
+    Example:
+        >>> m = DeployedFusion("cat", 2, dim=1, scales=[torch.full((2,), 2.0), torch.ones(3)])
+        >>> m(torch.ones(1, 2, 1, 1), torch.ones(1, 3, 1, 1)).flatten().tolist()
+        [2.0, 2.0, 1.0, 1.0, 1.0]
+    """
+
+    def __init__(self, op: str, num_branches: int, dim: int, *, add_tree: tuple | None = None,
+                 scales: Sequence[Tensor] | None = None, shift: Tensor | None = None) -> None:
+        super().__init__()
+        if op not in ("cat", "add"):
+            raise ValueError(f"DeployedFusion op must be 'cat' or 'add', got {op!r}")
+        if scales is not None and len(scales) != num_branches:
+            raise ValueError(f"{len(scales)} branch scales for {num_branches} branches")
+        self.op, self.num_branches, self.dim, self.add_tree = op, num_branches, dim, add_tree
+        self.scaled = scales is not None
+        for i, s in enumerate(scales or ()):
+            self.register_buffer(f"scale{i}", s.detach().clone().float())
+        self.register_buffer("shift", None if shift is None else shift.detach().clone().float())
+
+    @classmethod
+    def from_training(cls, m: GABFusion, scale: Tensor | None = None, shift: Tensor | None = None,
+                      widths: Sequence[int] | None = None) -> DeployedFusion:
+        """Freeze a training site whose normalization is replaced by ``scale⊙h + shift``.
+
+        ``widths`` are the branch widths along ``dim`` for a cat (needed to split ``scale``).
+        A site with no normalization and no affine gives ``s_i = α_i`` (per channel).
+        """
+        alpha = m.alpha().detach().float()
+        c = (scale.shape[0] if scale is not None else sum(widths) if widths else m.channels)
+        if scale is None:
+            scale = torch.ones(c)
+        if m.op == "cat":
+            if widths is None:
+                raise ValueError("freezing a cat site needs its branch widths")
+            parts = list(scale.float().split(list(widths)))
+        else:
+            parts = [scale.float()] * m.num_branches
+        scales = [alpha[i] * parts[i] for i in range(m.num_branches)]
+        return cls(m.op, m.num_branches, m.dim, add_tree=m.add_tree, scales=scales,
+                   shift=None if shift is None else shift.float())
+
+    @classmethod
+    def bare(cls, m: GABFusion | DeployedFusion) -> DeployedFusion:
+        """The site's original op with nothing around it."""
+        return cls(m.op, m.num_branches, m.dim, add_tree=m.add_tree)
+
+    @property
+    def is_bare(self) -> bool:
+        """True when the site computes the original fusion op exactly."""
+        return not self.scaled and self.shift is None
+
+    def branch_scales(self) -> list[Tensor] | None:
+        """The per-channel scale of each branch (None: unscaled)."""
+        return [getattr(self, f"scale{i}") for i in range(self.num_branches)] if self.scaled else None
+
+    def forward(self, *xs: Tensor | Sequence[Tensor]) -> Tensor:
+        xs = branches(xs)
+        if len(xs) != self.num_branches:
+            raise ValueError(f"DeployedFusion built for {self.num_branches} branches got {len(xs)} inputs")
+        if self.scaled:
+            xs = [x * self._along_dim(getattr(self, f"scale{i}"), x.dim()) for i, x in enumerate(xs)]
+        out = fuse(self.op, list(xs), self.dim, self.add_tree)
+        return out if self.shift is None else out + self._along_dim(self.shift, out.dim())
+
+    def _along_dim(self, v: Tensor, ndim: int) -> Tensor:
+        shape = [1] * ndim
+        shape[self.dim] = -1
+        return v.view(shape)
+
+    def extra_repr(self) -> str:
+        what = "bare" if self.is_bare else ", ".join(
+            w for w, on in (("branch scales", self.scaled), ("shift", self.shift is not None)) if on)
+        return f"op={self.op}, branches={self.num_branches}, dim={self.dim}, {what}"
