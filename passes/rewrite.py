@@ -20,6 +20,7 @@ reports only the new α keys as missing. :func:`restore_forward` undoes it (depl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import warnings
@@ -153,9 +154,7 @@ def rewrite(
     options = dict(alpha=alpha, alpha_init=alpha_init, norm=norm, affine=affine, eps=eps,
                    preserve=init == "preserve")
     batch = _first_batch(calib_data, example_inputs)
-    chosen, refused, folds = _foldable(model, found.sites, fold, batch, options, leaf_types)
-    placed, not_placed = _place(model, chosen, options, leaf_types)
-    refused += not_placed
+    placed, refused, folds = _place_foldable(model, found.sites, fold, batch, options, leaf_types)
     for row in placed:
         row["deploy"] = folds.get(row["site"], "not checked")
 
@@ -198,41 +197,61 @@ def _first_batch(calib_data: Iterable | None, example_inputs) -> tuple | None:
     return normalize_inputs(example_inputs) if example_inputs is not None else None
 
 
-def _foldable(model: nn.Module, sites: list[FusionSite], fold: str, batch: tuple | None, options: dict,
-              leaf_types: Iterable[type]) -> tuple[list[FusionSite], list[Refusal], dict[str, str]]:
-    """The sites deploy can fold as ``fold`` asks (decided on a scratch copy), the others refused,
-    and per site how deploy will fold it."""
-    if not sites or batch is None:
-        if sites and fold != "any":
+def _place_foldable(model: nn.Module, sites: list[FusionSite], fold: str, batch: tuple | None, options: dict,
+                    leaf_types: Iterable[type]) -> tuple[list[dict], list[Refusal], dict[str, str]]:
+    """Place the sites, keep those deploy can fold as ``fold`` asks, and put the others back.
+
+    Returns the placed rows, the refusals and, per site, how deploy will fold it. Placement happens
+    once, on ``model`` itself; deploy's planner then judges it on a scratch copy
+    (:func:`~fxfusion.passes.foldability.predict_folds`). Only the owners of refused sites get their
+    previous class (and forward) back, lose the new children, and are placed again without them,
+    because a site's fold can depend on its neighbours being sites too: repeat until none drops.
+    """
+    before = {}  # what each owner was before this placement, to put back
+    for owner in {s.owner for s in sites}:
+        with contextlib.suppress(AttributeError):  # a missing owner is refused by _place
+            m = model.get_submodule(owner) if owner else model
+            before[owner] = (type(m), {name for name, _ in m.named_children()})
+    placed, refused = _place(model, sites, options, leaf_types)
+    if not placed or batch is None:
+        if placed and fold != "any":
             warnings.warn("rewrite: no example_inputs or calib_data, so whether deploy can fold each site was not "
                           "checked; every site is placed", stacklevel=3)
-        return sites, [], {}
+        return placed, refused, {}
     allowed = {"exact": ("exact",), "approximate": ("exact", "approximate"), "any": ("exact", "approximate",
                                                                                        "explicit")}[fold]
-    keep, refused, folds = list(sites), [], {}
-    while True:  # a site's fold can depend on its neighbours being sites too: repeat until none drops
-        scratch = copy.deepcopy(model)
-        placed, _ = _place(scratch, keep, options, leaf_types)
-        path_of = {row["site"]: row["path"] for row in placed}
+    by_name = {s.name: s for s in sites}
+    folds: dict[str, str] = {}
+    while True:
         try:
-            decisions = predict_folds(scratch, batch)
+            decisions = predict_folds(model, batch)
         except Exception as e:  # noqa: BLE001 - a failed prediction must not lose the sites: place them, say so
             warnings.warn(f"rewrite: could not predict how deploy folds the sites ({failure_reason(e)}); every "
                           "site is placed", stacklevel=3)
-            return sites, [], {}
-        dropped = []
-        for site in keep:
-            d = decisions.get(path_of.get(site.name, ""))
+            return placed, refused, {}
+        dropped = set()
+        for row in placed:
+            d = decisions.get(row["path"])
             kind = verdict(d)
             how = f"{kind}: {d.target}" if d is not None else "explicit: the site did not run on the example inputs"
-            folds[site.name] = how + (f" ({d.note})" if d is not None and d.note else "")
+            folds[row["site"]] = how + (f" ({d.note})" if d is not None and d.note else "")
             if kind not in allowed:
-                dropped.append(site)
-                refused.append(Refusal(site.name, site.kind, f"not placed: deploy could not fold it {FOLDS[fold]} "
-                                       f"({folds[site.name]}); pass fold='any' to place it anyway"))
+                dropped.add(row["site"])
+                refused.append(Refusal(row["site"], row["op"], f"not placed: deploy could not fold it {FOLDS[fold]} "
+                                       f"({folds[row['site']]}); pass fold='any' to place it anyway"))
         if not dropped:
-            return keep, refused, folds
-        keep = [s for s in keep if s not in dropped]
+            return placed, refused, folds
+        redo = {by_name[name].owner for name in dropped}
+        for owner in redo:
+            m = model.get_submodule(owner) if owner else model
+            m.__class__, children = before[owner]
+            for name in [n for n, _ in m.named_children() if n not in children]:
+                delattr(m, name)
+        again = [by_name[r["site"]] for r in placed if by_name[r["site"]].owner in redo and r["site"] not in dropped]
+        placed = [r for r in placed if by_name[r["site"]].owner not in redo]
+        more, not_placed = _place(model, again, options, leaf_types)
+        placed += more
+        refused += not_placed
 
 
 def _place(model: nn.Module, sites: list[FusionSite], options: dict,

@@ -92,3 +92,35 @@ def test_default_rewrite_deploys_to_the_original_topology(tmp_path) -> None:
         fxfusion.export_onnx(m, x, path)
         nodes[label] = len(onnx.load(str(path)).graph.node)
     assert nodes["rewritten"] <= nodes["baseline"], nodes
+
+
+class _OneFoldsOneDoesNot(torch.nn.Module):
+    """One owner, two sites: a cat of convs (folds into its producers) and an add of SiLU branches
+    (different per-branch scales cannot pass a SiLU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (torch.nn.Conv2d(4, 4, 1) for _ in range(4))
+        self.head_cat, self.head_add = torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        z = torch.nn.functional.silu(self.c(x)) + torch.nn.functional.silu(self.d(x))
+        return self.head_cat(y) + self.head_add(z)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_an_owner_with_a_refused_site_keeps_its_foldable_one(inplace: bool) -> None:
+    torch.manual_seed(0)
+    model, x = _OneFoldsOneDoesNot().eval(), torch.randn(2, 4, 8, 8)
+    want = model(x)
+    q = _quiet(fxfusion.rewrite, model, x, inplace=inplace)
+    report = q.fxfusion_reports["rewrite"]
+    assert [r["op"] for r in report.placed] == ["cat"] and report.placed[0]["deploy"].startswith("exact: ")
+    refused = [r for r in report.refused if r.reason.startswith("not placed")]
+    assert [r.kind for r in refused] == ["add"] and "silu" in refused[0].reason
+    children = [n for n, m in q.named_children() if isinstance(m, GABFusion)]
+    assert len(children) == 1  # the refused site's module is gone, not left unused
+    assert (q is model) == inplace and torch.equal(q(x), want)
+    if not inplace:  # the user's model is untouched
+        assert type(model) is _OneFoldsOneDoesNot and not any(isinstance(m, GABFusion) for m in model.modules())

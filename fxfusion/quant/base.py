@@ -1,4 +1,4 @@
-"""The fake-quantizer protocol, its parameters record, and the straight-through helpers.
+"""The fake-quantizer protocol, its parameters record, integer ranges and the base class.
 
 Every quantizer in fxfusion fake-quantizes in ``forward`` (it returns a float tensor that lies on
 a quantization grid) and describes that grid with :meth:`qparams` so that the exporter can emit
@@ -11,7 +11,8 @@ For a uniform quantizer the forward value is exactly the ONNX QDQ pair
     y = (q - zero_point) * scale                              # DequantizeLinear
 
 ``torch.round`` rounds half to even like ``rint``; :func:`fake_quantize` is that formula with a
-straight-through gradient for the rounding.
+straight-through gradient for the rounding (it and the other straight-through helpers live in
+:mod:`fxfusion.quant.ste`; they are re-exported here).
 
 Integer ranges (:func:`qrange`):
 
@@ -39,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+
+from fxfusion.quant.ste import clip, fake_quantize, grad_scale, round_ste
 
 __all__ = [
     "DEFAULT_RANGE_NAMES",
@@ -125,86 +128,6 @@ def qrange(bits: int, signed: bool, *, restricted: bool = False) -> tuple[int, i
         return 0, 2**bits - 1
     qmax = 2 ** (bits - 1) - 1
     return (-qmax if restricted else -qmax - 1), qmax
-
-
-# --------------------------------------------------------------------------- straight-through
-
-
-def round_ste(x: Tensor) -> Tensor:
-    """``torch.round`` (half to even) in forward, identity gradient in backward.
-
-    Example:
-        >>> round_ste(torch.tensor([0.5, 1.5, 2.4]))
-        tensor([0., 2., 2.])
-    """
-    # r + (x − x) is exactly r in forward; x + (r − x) can be off by one ulp (breaks export parity)
-    return torch.round(x).detach() + (x - x.detach())
-
-
-def clip(x: Tensor, lo: float | Tensor, hi: float | Tensor) -> Tensor:
-    """``torch.clamp(x, lo, hi)`` in forward, with one gradient convention on every torch version.
-
-    ``x`` gets gradient 1 on the closed interval ``[lo, hi]`` and 0 outside; a tensor bound gets
-    gradient 1 where it is the output (``x < lo``, ``x > hi``). ``torch.clamp``'s own convention
-    at ``x == bound`` changed in torch 2.14 (0, or ½ to each side with tensor bounds, where 2.13
-    gave 1 to ``x``): a weight at the edge of its grid, as after a max-abs initialization, would
-    stop learning on one version and not on the other.
-
-    Example:
-        >>> x = torch.tensor([-1.0, 0.0, 2.0, 3.0, 4.0], requires_grad=True)
-        >>> clip(x, 0, 3).sum().backward()
-        >>> x.grad
-        tensor([0., 1., 1., 1., 0.])
-    """
-    return torch.where(x < lo, lo, torch.where(x > hi, hi, x))
-
-
-def grad_scale(x: Tensor, scale: float | Tensor) -> Tensor:
-    """Return ``x`` unchanged in forward and multiply its gradient by ``scale`` in backward.
-
-    LSQ uses it to scale the step-size gradient by ``g = 1 / sqrt(N * Qp)``.
-
-    Example:
-        >>> s = torch.tensor(2.0, requires_grad=True)
-        >>> grad_scale(s, 0.5).backward(); s.grad
-        tensor(0.5000)
-    """
-    scaled = x * scale
-    return x.detach() + (scaled - scaled.detach())  # exactly x in forward, gradient × scale
-
-
-def fake_quantize(
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    qmin: int,
-    qmax: int,
-    axis: int | None = None,
-) -> Tensor:
-    """ONNX QuantizeLinear followed by DequantizeLinear, with a straight-through rounding.
-
-    Forward: ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``.
-    Backward: the rounding is the identity, the clamp passes gradient where the rounded code is
-    inside ``[qmin, qmax]``; ``scale`` receives its autograd gradient unless it is detached.
-
-    Args:
-        x: input of any shape.
-        scale: shape ``()`` (per tensor) or ``(C,)`` (per channel along ``axis``).
-        zero_point: integer-valued tensor of the same shape as ``scale``.
-        qmin, qmax: the integer range.
-        axis: the channel axis of ``x`` when ``scale`` is per channel.
-
-    Returns:
-        A float tensor shaped like ``x`` whose values lie on the grid.
-
-    Example:
-        >>> fake_quantize(torch.tensor([0.26, 9.0]), torch.tensor(0.5), torch.tensor(0), 0, 3)
-        tensor([0.5000, 1.5000])
-    """
-    scale = _expand(scale, x, axis)
-    zero_point = _expand(zero_point, x, axis).to(scale.dtype)
-    code = clip(round_ste(x / scale) + zero_point, qmin, qmax)
-    return (code - zero_point) * scale
 
 
 # --------------------------------------------------------------------------- parameters record
@@ -604,15 +527,6 @@ def _broadcast_if_under_ddp(module: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- tensor helpers
-
-
-def _expand(p: Tensor, x: Tensor, axis: int | None) -> Tensor:
-    """Reshape a ``()`` or ``(C,)`` parameter so that it broadcasts along ``axis`` of ``x``."""
-    if p.dim() == 0:
-        return p
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return p.reshape(shape)
 
 
 def _per_channel_view(x: Tensor, axis: int | None) -> Tensor:

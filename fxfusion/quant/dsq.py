@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fxfusion.quant.base import _MIN_SCALE, QParams, Quantizer, _expand, clip, fake_quantize, round_ste
+from fxfusion.quant.base import _MIN_SCALE, QParams, Quantizer
+from fxfusion.quant.ste import _expand, clip, fake_quantize, round_ste
 
 __all__ = ["DSQQuantizer"]
 

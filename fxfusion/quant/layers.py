@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fxfusion.quant.base import is_quantizer, round_ste
+from fxfusion.quant.base import is_quantizer
+from fxfusion.quant.ste import round_ste
 
 __all__ = ["QuantConv1d", "QuantConv2d", "QuantLinear", "QUANT_LAYERS", "to_quantized", "is_quantized"]
 

@@ -33,7 +33,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fxfusion.quant.base import _MIN_SCALE, QParams, Quantizer, _expand, clip, grad_scale, round_ste
+from fxfusion.quant.base import _MIN_SCALE, QParams, Quantizer
+from fxfusion.quant.ste import _expand, clip, grad_scale, round_ste
 
 __all__ = ["LSQQuantizer"]
 

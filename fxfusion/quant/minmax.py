@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fxfusion.quant.base import QParams, Quantizer, fake_quantize
+from fxfusion.quant.base import QParams, Quantizer
+from fxfusion.quant.ste import fake_quantize
 
 __all__ = ["MinMaxQuantizer"]
 

@@ -51,7 +51,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fxfusion.quant.base import _MIN_SCALE, QParams, Quantizer, fake_quantize, grad_scale
+from fxfusion.quant.base import _MIN_SCALE, QParams, Quantizer
+from fxfusion.quant.ste import fake_quantize, grad_scale
 
 __all__ = ["N2UQQuantizer"]
 
