@@ -39,6 +39,7 @@ import argparse
 import copy
 import cProfile
 import gc
+import importlib.util
 import io
 import json
 import os
@@ -80,6 +81,9 @@ STEPS = ("symbolic_trace", "trace_units", "find", "rewrite", "rewrite(sites)", "
 PLOTTED = ("symbolic_trace", "find", "rewrite", "quantize", "prepare_qat_fx")
 SIZES = (100, 1_000, 5_000, 10_000)
 QUICK_ZOO = ("resnet", "yolov5")  # one model that traces whole, one that does not
+# torchvision models (random weights, eval mode, batch 2) at the input size they accept, when installed
+TORCHVISION = {"resnet18": 64, "mobilenet_v2": 64, "densenet121": 64, "googlenet": 64, "inception_v3": 96,
+               "regnet_x_400mf": 64}
 TARGET_RATIO = 2.0  # rewrite <= 2x trace (the issue's target)
 LINEAR_SLOPE = 1.15  # a log-log slope up to this counts as roughly linear
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                    help="cProfile the rewrite of the ~5,000-node model (auto: when the target fails)")
     p.add_argument("--profile-nodes", type=int, default=5_000)
+    p.add_argument("--no-torchvision", action="store_true",
+                   help=f"leave out the torchvision models ({', '.join(TORCHVISION)}); they run when "
+                   "torchvision is installed, and never with --quick")
     p.add_argument("--from-json", metavar="PATH",
                    help="measure nothing: re-render the tables, verdict and plot from a passes.json")
     args = p.parse_args(argv)
@@ -123,10 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     rows, timings = [], {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the passes' warnings are not part of the measured work
-        for name in zoo_names:
-            bench = _zoo_bench(name)
-            timings[name] = _measure(bench, args, skips={})
-            rows.append(_row(bench, timings[name]))
+        benches = [lambda name=name: _zoo_bench(name) for name in zoo_names]
+        if not (args.quick or args.no_torchvision) and importlib.util.find_spec("torchvision") is not None:
+            benches += [lambda name=name: _torchvision_bench(name) for name in TORCHVISION]
+        for make in benches:
+            bench = make()
+            timings[bench.name] = _measure(bench, args, skips={})
+            rows.append(_row(bench, timings[bench.name]))
             _progress(rows[-1])
         skips: dict[str, str] = {}
         for i, target in enumerate(sizes):
@@ -188,7 +198,7 @@ def _report(rows: list[dict], timings: dict[str, dict[str, Timing]], hotspots: d
 @dataclass
 class _Bench:
     name: str
-    kind: str  # "zoo" | "generated"
+    kind: str  # "zoo" | "torchvision" | "generated"
     model: nn.Module
     inputs: tuple[Tensor, ...]
     calib: list[tuple[Tensor, ...]]
@@ -261,6 +271,21 @@ def _zoo_bench(name: str) -> _Bench:
         units = trace_units(model).units
         nodes, ref = sum(len(u.graph_module.graph.nodes) for u in units), f"trace_units ({len(units)} units)"
     return _Bench(name, "zoo", model, inputs, calib, nodes, ref)
+
+
+def _torchvision_bench(name: str) -> _Bench:
+    import torchvision  # the [zoo] extra
+
+    torch.manual_seed(0)
+    kwargs = {"init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    if name in ("googlenet", "inception_v3"):
+        kwargs["aux_logits"] = False
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    size = TORCHVISION[name]
+    g = torch.Generator().manual_seed(0)
+    x, *calib = (torch.randn(2, 3, size, size, generator=g) for _ in range(3))
+    nodes = len(fx.symbolic_trace(model).graph.nodes)
+    return _Bench(f"tv_{name}", "torchvision", model, (x,), [(c,) for c in calib], nodes, "symbolic_trace")
 
 
 # --- timing ------------------------------------------------------------------------------------

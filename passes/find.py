@@ -43,6 +43,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxfusion.passes.consumers import mapped_axes, walk_consumers
 from fxfusion.passes.dataflow import feature_axis, layer_kind, node_op
+from fxfusion.passes.quantize import conv_bn_pairs
 from fxfusion.passes.reparam import reparam_refusal
 from fxfusion.passes.runtime import (
     compile_regex,
@@ -110,6 +111,9 @@ class FusionReport:
     sites: list[FusionSite] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     untraceable: list[Untraceable] = field(default_factory=list)
+    # conv -> BatchNorm pairs (paths) that quantize and deploy fold, seen on the same trace: rewrite's
+    # deploy prediction uses them instead of tracing again (None: not known, e.g. a hand-made report)
+    conv_bn: list[tuple[str, str]] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.sites)
@@ -180,7 +184,7 @@ def find_fusions(
     inc, exc = compile_regex(include, "include"), compile_regex(exclude, "exclude")
 
     traced = trace_units(model, concrete_args, leaf_types)
-    report = FusionReport(untraceable=list(traced.untraceable))
+    report = FusionReport(untraceable=list(traced.untraceable), conv_bn=conv_bn_pairs(traced.units))
     run = _run_example(model, traced.units, inputs)
     for unit in traced.units:
         _examine(model, unit, run, report, tuple(leaf_types), reparameterizable)

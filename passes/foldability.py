@@ -14,8 +14,6 @@ each.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -23,7 +21,7 @@ from fxfusion.deployed import DeployedFusion
 from fxfusion.gabfusion import GABFusion
 from fxfusion.passes.fold_plan import SiteFold, analyse, feeds_layernorm, plan
 from fxfusion.passes.quantize import fold_batchnorms
-from fxfusion.passes.runtime import eval_mode, set_submodule
+from fxfusion.passes.runtime import eval_mode, set_submodule, structural_copy
 
 __all__ = ["FOLDS", "predict_folds", "verdict"]
 
@@ -35,11 +33,15 @@ FOLDS = {
 }
 
 
-def predict_folds(model: nn.Module, batch: tuple) -> dict[str, SiteFold]:
-    """Deploy's decision for every GABFusion site of ``model`` (not changed), by site path."""
-    work = copy.deepcopy(model)
+def predict_folds(model: nn.Module, batch: tuple, conv_bn: list[tuple[str, str]] | None = None
+                  ) -> dict[str, SiteFold]:
+    """Deploy's decision for every GABFusion site of ``model`` (not changed), by site path.
+
+    ``conv_bn``: the model's conv -> BatchNorm pairs if known (:func:`~fxfusion.passes.quantize.conv_bn_pairs`).
+    """
+    work = structural_copy(model)  # folding and freezing replace tensors and modules, never write into them
     with eval_mode(work):
-        fold_batchnorms(work)
+        fold_batchnorms(work, conv_bn)
         graph = analyse(work, batch)
         sites = {p: m for p, m in work.named_modules() if isinstance(m, GABFusion)}
         for path, m in sites.items():

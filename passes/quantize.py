@@ -64,12 +64,12 @@ from fxfusion.passes.runtime import (
     set_submodule,
     tracked,
 )
-from fxfusion.passes.trace import trace_units
+from fxfusion.passes.trace import TracedUnit, trace_units
 from fxfusion.quant import QUANTIZERS, check_bits, make_quantizer
 from fxfusion.quant.layers import QUANT_LAYERS, is_quantized, to_quantized
 from fxfusion.report import format_table
 
-__all__ = ["QuantizeReport", "QuantizerFactory", "fold_batchnorms", "quantize"]
+__all__ = ["QuantizeReport", "QuantizerFactory", "conv_bn_pairs", "fold_batchnorms", "quantize"]
 
 # factory(bits=, role="weight"|"act", signed=, channels=, axis=) -> a QuantizerProtocol module
 QuantizerFactory = Callable[..., nn.Module]
@@ -200,25 +200,38 @@ def _factory(method: str | QuantizerFactory) -> QuantizerFactory:
 
 # --- BatchNorm folding ----------------------------------------------------------------------
 
-def fold_batchnorms(model: nn.Module) -> list[str]:
-    """Fold every BatchNorm whose only input is a conv used by nothing else."""
-    folded = []
-    for unit in trace_units(model).units:
+def conv_bn_pairs(units: Iterable[TracedUnit]) -> list[tuple[str, str]]:
+    """``(conv path, BatchNorm path)`` for every BatchNorm whose only input is a conv used by nothing
+    else, in traced ``units`` (:func:`~fxfusion.passes.trace.trace_units`)."""
+    pairs = []
+    for unit in units:
         modules = dict(unit.graph_module.named_modules())
         for node in unit.graph_module.graph.nodes:
-            if not _is_conv_bn(node, modules):
-                continue
-            conv_node = node.args[0]
-            conv_path = join(unit.path, conv_node.target)
-            bn_path = join(unit.path, node.target)
-            conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
-            if not bn.track_running_stats or bn.running_mean is None:
-                continue
-            w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
-                                        bn.weight, bn.bias)
-            conv.weight, conv.bias = w, b
-            _drop_folded_bn(model, bn_path)
-            folded.append(bn_path)
+            if _is_conv_bn(node, modules):
+                pairs.append((join(unit.path, node.args[0].target), join(unit.path, node.target)))
+    return pairs
+
+
+def fold_batchnorms(model: nn.Module, pairs: Iterable[tuple[str, str]] | None = None) -> list[str]:
+    """Fold every BatchNorm whose only input is a conv used by nothing else; the folded paths.
+
+    ``pairs`` (from :func:`conv_bn_pairs` on a trace of this model's structure, e.g. the one
+    :func:`~fxfusion.passes.find.find_fusions` made) saves tracing the model again.
+    """
+    if pairs is None:
+        if not any(isinstance(m, _BNS) for m in model.modules()):
+            return []
+        pairs = conv_bn_pairs(trace_units(model).units)
+    folded = []
+    for conv_path, bn_path in pairs:
+        conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
+        if not bn.track_running_stats or bn.running_mean is None:
+            continue
+        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                    bn.weight, bn.bias)
+        conv.weight, conv.bias = w, b
+        _drop_folded_bn(model, bn_path)
+        folded.append(bn_path)
     return folded
 
 

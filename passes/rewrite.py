@@ -154,7 +154,8 @@ def rewrite(
     options = dict(alpha=alpha, alpha_init=alpha_init, norm=norm, affine=affine, eps=eps,
                    preserve=init == "preserve")
     batch = _first_batch(calib_data, example_inputs)
-    placed, refused, folds = _place_foldable(model, found.sites, fold, batch, options, leaf_types)
+    placed, refused, folds = _place_foldable(model, found.sites, fold, batch, options, leaf_types,
+                                             found.conv_bn)
     for row in placed:
         row["deploy"] = folds.get(row["site"], "not checked")
 
@@ -198,7 +199,8 @@ def _first_batch(calib_data: Iterable | None, example_inputs) -> tuple | None:
 
 
 def _place_foldable(model: nn.Module, sites: list[FusionSite], fold: str, batch: tuple | None, options: dict,
-                    leaf_types: Iterable[type]) -> tuple[list[dict], list[Refusal], dict[str, str]]:
+                    leaf_types: Iterable[type], conv_bn: list[tuple[str, str]] | None
+                    ) -> tuple[list[dict], list[Refusal], dict[str, str]]:
     """Place the sites, keep those deploy can fold as ``fold`` asks, and put the others back.
 
     Returns the placed rows, the refusals and, per site, how deploy will fold it. Placement happens
@@ -224,7 +226,7 @@ def _place_foldable(model: nn.Module, sites: list[FusionSite], fold: str, batch:
     folds: dict[str, str] = {}
     while True:
         try:
-            decisions = predict_folds(model, batch)
+            decisions = predict_folds(model, batch, conv_bn)
         except Exception as e:  # noqa: BLE001 - a failed prediction must not lose the sites: place them, say so
             warnings.warn(f"rewrite: could not predict how deploy folds the sites ({failure_reason(e)}); every "
                           "site is placed", stacklevel=3)

@@ -10,6 +10,7 @@ failure named with the inputs that caused it. That is :func:`eval_mode`, :func:`
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -96,6 +97,16 @@ def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     """Replace the submodule at ``path`` (not the root itself) by ``new``."""
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def structural_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of the module tree that shares every parameter and buffer with ``model``.
+
+    For scratch work that replaces modules and tensors (``conv.weight = new``) but never writes
+    into one: it costs the module objects, not the weights.
+    """
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

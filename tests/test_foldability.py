@@ -124,3 +124,17 @@ def test_an_owner_with_a_refused_site_keeps_its_foldable_one(inplace: bool) -> N
     assert (q is model) == inplace and torch.equal(q(x), want)
     if not inplace:  # the user's model is untouched
         assert type(model) is _OneFoldsOneDoesNot and not any(isinstance(m, GABFusion) for m in model.modules())
+
+
+def test_prediction_leaves_the_model_as_it_was() -> None:
+    # predict_folds folds BatchNorms and freezes sites on a copy that shares the weights: nothing of
+    # the model may change, not a module, not a tensor's value
+    model, (x,) = build("resnet").eval(), example_inputs("resnet")
+    q = _quiet(fxfusion.rewrite, model, x, fold="any")
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    types = {n: type(m) for n, m in q.named_modules()}
+    report = fxfusion.find_fusions(model, x)
+    assert report.conv_bn and all(isinstance(model.get_submodule(bn), torch.nn.BatchNorm2d) for _, bn in report.conv_bn)
+    decisions = predict_folds(q, (x,), report.conv_bn)
+    assert decisions and {n: type(m) for n, m in q.named_modules()} == types
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
