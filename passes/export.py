@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 import time
@@ -42,7 +41,7 @@ from fxfusion.passes.onnx_qdq import (
     _Surgery,
     activation_prefix,
 )
-from fxfusion.passes.runtime import network
+from fxfusion.passes.runtime import network, structural_copy
 from fxfusion.passes.runtime import tensors as flatten_outputs
 from fxfusion.report import format_table, write_atomic
 
@@ -157,8 +156,9 @@ def export_onnx(
     kept_sites = _check_deployed(model)
     args = _as_args(example_inputs)
 
-    # plan: what to quantize, with its grids, read from a copy that the export may change
-    work = copy.deepcopy(model).eval()
+    # plan: what to quantize, with its grids, read from a copy that the export changes (modules and
+    # tensors replaced, never written into: it shares the model's weights)
+    work = structural_copy(model).eval()
     plans, standalone = _plan(work)
     _check_low_bit(plans + standalone, opset)
 

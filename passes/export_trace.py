@@ -39,8 +39,8 @@ def _float_copy(model: nn.Module, standalone: list[_Plan]) -> None:
     """
     with torch.no_grad():
         for m in model.modules():
-            if is_quantized(m) and m.bias is not None:
-                m.bias.copy_(m._quant_bias())
+            if is_quantized(m) and m.bias is not None:  # a new tensor: the copy shares the model's weights
+                m.bias = nn.Parameter(m._quant_bias(), requires_grad=m.bias.requires_grad)
     for q in _all_quantizers(model):
         q.enabled = False
     for plan in standalone:
