@@ -132,6 +132,37 @@ def run_rounds(one_round: Callable[[Stopwatch], None], repeats: int, warmup: int
     return timings
 
 
+def build_third_party(source: str, name: str, px: int) -> torch.nn.Module:
+    """A torchvision (``"tv"``), timm or ultralytics model by name, random weights (seed 0), no download.
+
+    ``px`` is the input size (ViT is built for it). The one way benchmarks build models nobody here wrote.
+    """
+    torch.manual_seed(0)
+    if source == "tv":
+        import torchvision.models as tvm
+
+        kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+        if name.startswith("vit"):
+            kwargs = {"image_size": px}
+        if name.startswith("deeplab"):
+            import torchvision.models.segmentation as seg
+
+            return seg.deeplabv3_resnet50(weights=None, weights_backbone=None, aux_loss=False, num_classes=4)
+        model = getattr(tvm, name)(**kwargs)
+        if hasattr(model, "heads"):  # ViT's classifier starts at zero, which would hide every difference
+            torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+        return model
+    if source == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=10)
+    if source == "ultralytics":  # built from the yaml: no download
+        from ultralytics import YOLO
+
+        return YOLO(f"{name}.yaml").model
+    raise ValueError(source)
+
+
 def fit_loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     """Least-squares slope of log(y) against log(x): 1 is linear growth, 2 quadratic."""
     pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x and y and x > 0 and y > 0]

@@ -56,6 +56,7 @@ import torch.fx as fx
 from common import (  # a sibling file: run this script as ``python benchmarks/passes.py``
     Stopwatch,
     Timing,
+    build_third_party,
     environment,
     fit_loglog_slope,
     markdown_table,
@@ -274,14 +275,8 @@ def _zoo_bench(name: str) -> _Bench:
 
 
 def _torchvision_bench(name: str) -> _Bench:
-    import torchvision  # the [zoo] extra
-
-    torch.manual_seed(0)
-    kwargs = {"init_weights": False} if name in ("googlenet", "inception_v3") else {}
-    if name in ("googlenet", "inception_v3"):
-        kwargs["aux_logits"] = False
-    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
     size = TORCHVISION[name]
+    model = build_third_party("tv", name, size).eval()
     g = torch.Generator().manual_seed(0)
     x, *calib = (torch.randn(2, 3, size, size, generator=g) for _ in range(3))
     nodes = len(fx.symbolic_trace(model).graph.nodes)

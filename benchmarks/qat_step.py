@@ -1,13 +1,23 @@
 """Training-step time of QAT with each quantizer, as a ratio to the float step, measured in one run.
 
 One training step = forward + MSE to a fixed random target + backward + SGD step (momentum 0.9).
-Variants, each on its own copy of the same YOLOv5-style zoo model:
+Variants, each on its own copy of the same model (a zoo model, by default the YOLOv5-style one, or
+a torchvision model named ``tv_<name>``):
 
-- ``float``: the zoo model as built (BatchNorm in train mode);
-- ``rewrite``: ``fxfusion.rewrite`` (a GABFusion subgraph at each site it places: 13 of the 20,
-  those deploy folds exactly);
-- ``rewrite + <method>``: then ``fxfusion.quantize(..., method=<method>, w_bits=4, a_bits=4)`` for
-  lsq, pact, dsq, n2uq and minmax (BatchNorm folded, fake quantizers on every conv).
+- ``float``: the model as built (BatchNorm in train mode);
+- ``lsq``: ``fxfusion.quantize(model, method="lsq", w_bits=4, a_bits=4)`` without rewrite (BatchNorm
+  folded, fake quantizers on every conv);
+- ``rewrite``: ``fxfusion.rewrite`` alone (a GABFusion subgraph at each site it places: those
+  deploy folds exactly);
+- ``rewrite + <method>``: then ``quantize`` W4A4 for lsq, pact, dsq, n2uq and minmax;
+- ``rewrite + lsq + ADA``: plus ``fxfusion.ADALoss`` against the float model as teacher (its
+  rewritten form, which computes the float model with the gates closed);
+- ``torch.ao prepare_qat_fx``: the peer, ``prepare_qat_fx`` with its default x86 QAT qconfig
+  (8-bit fake quantization, BatchNorm kept as a ConvBn module), where it traces the model.
+
+Below the table, the issue's targets as ratios of the medians: DSQ and N2UQ within 2x LSQ,
+GABFusion's own overhead (``rewrite + lsq`` / ``lsq``) within 1.10, ADA's (``+ ADA`` / ``rewrite +
+lsq``) within 1.4, and fxfusion's eager QAT step (``rewrite + lsq``) no slower than torch.ao's.
 
 After a warm-up, the variants are timed in interleaved repetitions (the order rotates every
 repetition), so machine noise hits them alike; the table reports the median step time over the
@@ -18,6 +28,7 @@ times; the JSON counts these.
 Usage::
 
     python benchmarks/qat_step.py            # batch 8, 128x128, 2 threads; writes benchmarks/results/
+    python benchmarks/qat_step.py --model tv_resnet18 --batch 16 --size 64 --threads 1   # needs torchvision
     python benchmarks/qat_step.py --quick    # CI smoke: batch 2, 64x64, 2 reps; writes to a temp dir
 
 This script prints and saves a table; it asserts nothing about timings.
@@ -39,6 +50,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import build_third_party  # a sibling file
 from torch import Tensor, nn
 
 import fxfusion
@@ -55,7 +67,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="yolov5", choices=sorted(zoo.ZOO))
+    p.add_argument("--model", default="yolov5", help=f"a zoo model ({', '.join(zoo.ZOO)}) or tv_<torchvision name>")
     p.add_argument("--size", type=int, default=128, help="input height and width")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=25, help="interleaved repetitions (the median is reported)")
@@ -71,18 +83,28 @@ def main() -> None:
     out_dir = Path(args.out_dir) if args.out_dir else (Path(tempfile.mkdtemp()) if args.quick else RESULTS)
     torch.set_num_threads(args.threads)
 
+    if args.model not in zoo.ZOO and not args.model.startswith("tv_"):
+        p.error(f"--model {args.model!r}: not a zoo model ({', '.join(zoo.ZOO)}) and not tv_<torchvision name>")
     torch.manual_seed(0)
     x = _input(args.model, args.batch, args.size)
-    float_model = zoo.build(args.model)
+    float_model = _build(args.model, args.size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the passes' FX/deprecation chatter, not results
         rewritten = fxfusion.rewrite(float_model, x)
-        variants = {"float": float_model, "rewrite": rewritten}
+        variants = {"float": float_model,
+                    "lsq": fxfusion.quantize(float_model, x, method="lsq", w_bits=4, a_bits=4),
+                    "rewrite": rewritten}
         for method in METHODS:
             variants[f"rewrite + {method}"] = fxfusion.quantize(rewritten, x, method=method, w_bits=4, a_bits=4)
+        ao, ao_error = _torch_ao(float_model, x)
     target = [torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) for t in _outputs(float_model, x)]
 
     steps = {name: _stepper(copy.deepcopy(m).train(), x, target) for name, m in variants.items()}
+    student = copy.deepcopy(variants["rewrite + lsq"]).train()
+    ada = fxfusion.ADALoss(student, copy.deepcopy(rewritten).eval())  # the float model, same site paths
+    steps["rewrite + lsq + ADA"] = _stepper(student, x, target, extra=lambda: ada(x))
+    if ao is not None:
+        steps["torch.ao prepare_qat_fx"] = _stepper(ao.train(), x, target)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for step in steps.values():
@@ -107,7 +129,7 @@ def main() -> None:
     rows = [{"variant": n, "median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t),
              "max_ms": 1e3 * max(t), "vs_float": statistics.median(t) / base} for n, t in times.items()]
     meta = {"model": args.model, "input": list(x.shape), "bits": "W4A4 (first/last layers 8-bit)",
-            "sites": len(gabfusion_modules(rewritten)),
+            "sites": len(gabfusion_modules(rewritten)), "torch.ao": ao_error or "traced",
             "reps": args.reps, "steps_per_rep": args.steps, "warmup": args.warmup,
             "retimed_for_cpu_contention": retries,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "quick": args.quick,
@@ -117,13 +139,58 @@ def main() -> None:
     title = (f"QAT training step: {meta['model']} {'x'.join(map(str, meta['input']))}, {meta['sites']} GABFusion "
              f"sites, {meta['bits']}, {meta['threads']} threads, median of {meta['reps']} interleaved reps x "
              f"{meta['steps_per_rep']} steps")
+    goals = _goals({r["variant"]: r["median_ms"] for r in rows})
+    meta["goals"] = goals
     print(format_table(_display(rows), title=title))  # noqa: T201 - a benchmark prints its table
+    print("\n".join(g["line"] for g in goals))  # noqa: T201
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "qat_step.json", json.dumps({"meta": meta, "rows": rows,
+    stem = "qat_step" if args.model == "yolov5" else f"qat_step_{args.model}"
+    write_atomic(out_dir / f"{stem}.json", json.dumps({"meta": meta, "rows": rows,
                                                          "times_s": times}, indent=2) + "\n")
-    write_atomic(out_dir / "qat_step.md", _markdown(rows, meta, title))
-    print(f"\nsaved {out_dir / 'qat_step.json'} and {out_dir / 'qat_step.md'}")  # noqa: T201
+    write_atomic(out_dir / f"{stem}.md", _markdown(rows, meta, title))
+    print(f"\nsaved {out_dir / stem}.json and .md")  # noqa: T201
+
+
+def _build(name: str, size: int) -> nn.Module:
+    if name.startswith("tv_"):
+        return build_third_party("tv", name[3:], size)
+    return zoo.build(name)
+
+
+def _torch_ao(model: nn.Module, x: Tensor) -> tuple[nn.Module | None, str]:
+    """torch.ao's QAT model of ``model``, or None and why not."""
+    try:
+        from torch.ao.quantization import get_default_qat_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+        return prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), (x,)), ""
+    except Exception as e:  # noqa: BLE001 - the YOLO zoo models do not trace whole; the row says so
+        return None, f"prepare_qat_fx fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+
+
+# (name, numerator, denominator, bound): the issue's targets, as ratios of median step times
+GOALS = (
+    ("DSQ vs LSQ", "rewrite + dsq", "rewrite + lsq", 2.0),
+    ("N2UQ vs LSQ", "rewrite + n2uq", "rewrite + lsq", 2.0),
+    ("GABFusion's own overhead (rewrite + lsq vs lsq)", "rewrite + lsq", "lsq", 1.10),
+    ("ADA (rewrite + lsq + ADA vs rewrite + lsq)", "rewrite + lsq + ADA", "rewrite + lsq", 1.4),
+    ("eager QAT vs torch.ao (rewrite + lsq vs prepare_qat_fx)", "rewrite + lsq", "torch.ao prepare_qat_fx", 1.0),
+)
+
+
+def _goals(median_ms: dict[str, float]) -> list[dict]:
+    out = []
+    for name, num, den, bound in GOALS:
+        if num not in median_ms or den not in median_ms:
+            out.append({"goal": name, "ratio": None, "bound": bound, "holds": None,
+                        "line": f"{name}: not measured ({den if den not in median_ms else num} did not run)"})
+            continue
+        ratio = median_ms[num] / median_ms[den]
+        verdict = "holds" if ratio <= bound else "NOT met"
+        out.append({"goal": name, "ratio": ratio, "bound": bound, "holds": ratio <= bound,
+                    "line": f"{name}: {ratio:.2f}x (target <= {bound:.2f}x): {verdict}"})
+    return out
 
 
 def _timed(step: Callable[[], None], n: int, threads: int) -> tuple[float, bool]:
@@ -146,7 +213,7 @@ def _loadavg() -> float | None:
 
 
 def _input(model: str, batch: int, size: int) -> Tensor:
-    shape = list(zoo.ZOO[model].input_shape)
+    shape = [batch, 3, size, size] if model.startswith("tv_") else list(zoo.ZOO[model].input_shape)
     shape[0] = batch
     if len(shape) == 4:
         shape[2:] = [size, size]
@@ -158,7 +225,8 @@ def _outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
         return [t for t in leaves(copy.deepcopy(model).train()(x)) if isinstance(t, Tensor)]
 
 
-def _stepper(model: nn.Module, x: Tensor, target: list[Tensor]) -> Callable[[], None]:
+def _stepper(model: nn.Module, x: Tensor, target: list[Tensor],
+             extra: Callable[[], Tensor] | None = None) -> Callable[[], None]:
     # A small lr keeps the weights (and so the arithmetic) in the same regime over all reps.
     opt = torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9)
 
@@ -166,6 +234,8 @@ def _stepper(model: nn.Module, x: Tensor, target: list[Tensor]) -> Callable[[], 
         opt.zero_grad(set_to_none=True)
         outputs = [t for t in leaves(model(x)) if isinstance(t, Tensor)]
         loss = sum(F.mse_loss(o, t) for o, t in zip(outputs, target, strict=True))
+        if extra is not None:  # ADA: after the student's forward, which its hooks captured
+            loss = loss + extra()
         loss.backward()
         opt.step()
 
@@ -182,6 +252,9 @@ def _markdown(rows: list[dict], meta: dict, title: str) -> str:
     lines = [f"# {title}", "", "| variant | step ms (median) | min..max ms | vs float |", "|---|---:|---:|---:|"]
     lines += [f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}..{r['max_ms']:.1f} | "
               f"{r['vs_float']:.2f}x |" for r in rows]
+    lines += ["", "Targets (issue 16), as ratios of the medians:", ""] + [f"- {g['line']}" for g in meta["goals"]]
+    if meta["torch.ao"] != "traced":
+        lines += [f"- torch.ao: {meta['torch.ao']}"]
     load = meta["load_avg_1min"]
     lines += ["", f"torch {meta['torch']}, Python {meta['python']}, {meta['machine']}, {meta['cpus']} CPUs "
               f"(1-min load average {load['before']} before, {load['after']} after timing); warm-up "

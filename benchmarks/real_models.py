@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, print_table, write_results  # noqa: E402
+from common import build_third_party, environment, markdown_table, print_table, write_results  # noqa: E402
 
 import fxfusion  # noqa: E402
 from fxfusion.gabfusion import set_gate  # noqa: E402
@@ -46,16 +46,8 @@ def _outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def check(name: str) -> dict:
-    import torchvision.models as tvm
-
-    torch.manual_seed(0)
-    kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
-    size = 96
-    if name.startswith("vit"):
-        kwargs, size = {"image_size": 64}, 64
-    model = getattr(tvm, name)(**kwargs).eval()
-    if hasattr(model, "heads"):  # ViT's classifier starts at zero, which would hide every difference
-        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    size = 64 if name.startswith("vit") else 96
+    model = build_third_party("tv", name, size).eval()
     bn_stats_from(model, [torch.randn(4, 3, size, size)])
     x = torch.randn(2, 3, size, size)
     t0 = time.perf_counter()

@@ -38,7 +38,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, print_table, write_results  # noqa: E402
+from common import build_third_party, environment, markdown_table, print_table, write_results  # noqa: E402
 
 import fxfusion  # noqa: E402
 from fxfusion.deployed import DeployedFusion  # noqa: E402
@@ -61,33 +61,6 @@ MODELS = [
     ("timm", "hrnet_w18_small", 64), ("timm", "convnext_atto", 64),
     ("ultralytics", "yolov8n", 64), ("ultralytics", "yolo11n", 64),
 ]
-
-
-def build(source: str, name: str, px: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if source == "tv":
-        import torchvision.models as tvm
-
-        kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
-        if name.startswith("vit"):
-            kwargs = {"image_size": px}
-        if name.startswith("deeplab"):
-            import torchvision.models.segmentation as seg
-
-            return seg.deeplabv3_resnet50(weights=None, weights_backbone=None, aux_loss=False, num_classes=4)
-        model = getattr(tvm, name)(**kwargs)
-        if hasattr(model, "heads"):  # ViT's classifier starts at zero, which would hide every difference
-            torch.nn.init.normal_(model.heads.head.weight, std=0.02)
-        return model
-    if source == "timm":
-        import timm
-
-        return timm.create_model(name, pretrained=False, num_classes=10)
-    if source == "ultralytics":  # built from the yaml: no download
-        from ultralytics import YOLO
-
-        return YOLO(f"{name}.yaml").model
-    raise ValueError(source)
 
 
 def _outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -126,7 +99,7 @@ def run(source: str, name: str, px: int, rec: dict) -> dict:
         times[stage] = round(time.perf_counter() - t0, 2)
         return out
 
-    model = timed("build", build, source, name, px).eval()
+    model = timed("build", build_third_party, source, name, px).eval()
     x = torch.randn(2, 3, px, px)
     bn_stats_from(model, [torch.randn(4, 3, px, px)])
     found = timed("find", fxfusion.find_fusions, model, x)
