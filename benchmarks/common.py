@@ -163,6 +163,17 @@ def build_third_party(source: str, name: str, px: int) -> torch.nn.Module:
     raise ValueError(source)
 
 
+def build_model(spec: str, size: int) -> torch.nn.Module:
+    """A zoo model by name, or a torchvision model as ``tv_<name>`` built for ``size`` px inputs."""
+    if spec.startswith("tv_"):
+        return build_third_party("tv", spec[3:], size)
+    from fxfusion import zoo
+
+    if spec not in zoo.ZOO:
+        raise ValueError(f"model {spec!r}: not a zoo model ({', '.join(zoo.ZOO)}) and not tv_<torchvision name>")
+    return zoo.build(spec)
+
+
 def fit_loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     """Least-squares slope of log(y) against log(x): 1 is linear growth, 2 quadratic."""
     pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x and y and x > 0 and y > 0]

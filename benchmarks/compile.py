@@ -1,14 +1,15 @@
 """QAT training-step time under torch.compile, against eager, with graphs and recompiles counted.
 
-Per zoo model: the float model, and the GABFusion QAT model (``rewrite`` + ``quantize`` LSQ W4A4)
-trained with ADA (float teacher), ``AlphaBalancer`` and ``NormSchedule``, each eager and through
-``torch.compile`` (inductor). One step = forward + MSE to a fixed target (+ ADA) + backward + SGD
-(+ balancer and schedule steps). The quantizers are initialized by one eager step before
-compiling. After the compile (timed separately), the variants run in interleaved rounds; the
-table gives the median step, the compiled/eager ratio, the graphs dynamo produced, its graph
-breaks, and the graphs added during the timed rounds (a recompilation would show there).
+Per model (zoo models, and torchvision ones as ``tv_<name>``): the float model, and the GABFusion
+QAT model (``rewrite`` + ``quantize`` LSQ W4A4) trained with ADA (float teacher), ``AlphaBalancer``
+and ``NormSchedule``, each eager and through ``torch.compile`` (inductor). One step = forward +
+MSE to a fixed target (+ ADA) + backward + SGD (+ balancer and schedule steps). The quantizers are
+initialized by one eager step before compiling. After the compile (timed separately), the variants
+run in interleaved rounds; the table gives the median step, the compiled/eager ratio, the graphs
+dynamo produced, its graph breaks, and the graphs added during the timed rounds (a recompilation
+would show there).
 
-    python benchmarks/compile.py [--models resnet yolov5] [--batch 16] [--size 64] [--reps 15]
+    python benchmarks/compile.py [--models tv_resnet18 resnet yolov5] [--batch 16] [--size 64] [--reps 15]
 
 It prints and saves a table; it asserts nothing about timings.
 """
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, print_table, run_rounds, write_results  # noqa: E402
+from common import build_model, environment, markdown_table, print_table, run_rounds, write_results  # noqa: E402
 
 import fxfusion  # noqa: E402
 from fxfusion import zoo  # noqa: E402
@@ -60,7 +61,7 @@ class _Trainer:
 
 def _variants(name: str, x: torch.Tensor) -> dict[str, _Trainer]:
     torch.manual_seed(0)
-    fp = zoo.build(name)
+    fp = build_model(name, x.shape[-1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qat = fxfusion.quantize(fxfusion.rewrite(fp, x, alpha="balanced"), x, method="lsq", w_bits=4, a_bits=4)
@@ -117,7 +118,8 @@ def measure(name: str, batch: int, size: int, reps: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet", "yolov5"], choices=sorted(zoo.ZOO))
+    parser.add_argument("--models", nargs="+", default=["tv_resnet18", "resnet", "yolov5"],
+                        help=f"zoo models ({', '.join(zoo.ZOO)}) or tv_<torchvision name> (needs torchvision)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--reps", type=int, default=15)

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import build_third_party  # a sibling file
+from common import build_model  # a sibling file
 from torch import Tensor, nn
 
 import fxfusion
@@ -87,7 +87,7 @@ def main() -> None:
         p.error(f"--model {args.model!r}: not a zoo model ({', '.join(zoo.ZOO)}) and not tv_<torchvision name>")
     torch.manual_seed(0)
     x = _input(args.model, args.batch, args.size)
-    float_model = _build(args.model, args.size)
+    float_model = build_model(args.model, args.size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the passes' FX/deprecation chatter, not results
         rewritten = fxfusion.rewrite(float_model, x)
@@ -150,12 +150,6 @@ def main() -> None:
                                                          "times_s": times}, indent=2) + "\n")
     write_atomic(out_dir / f"{stem}.md", _markdown(rows, meta, title))
     print(f"\nsaved {out_dir / stem}.json and .md")  # noqa: T201
-
-
-def _build(name: str, size: int) -> nn.Module:
-    if name.startswith("tv_"):
-        return build_third_party("tv", name[3:], size)
-    return zoo.build(name)
 
 
 def _torch_ao(model: nn.Module, x: Tensor) -> tuple[nn.Module | None, str]:
