@@ -128,12 +128,26 @@ class _Surgery:
         return name
 
     def producer(self, value: str, through: tuple[str, ...] = ("Identity",)) -> onnx.NodeProto | None:
-        """The original graph node that computes ``value``, looking through the ops in ``through``
-        (first input); None for a graph input or initializer."""
+        """The original graph node that computes ``value``, looking through the ops in ``through``;
+        None for a graph input or initializer.
+
+        A unary op is looked through to its first input. A binary arithmetic op (``_ARITHMETIC``) is
+        looked through only when all its inputs but one are constants (what NoopElimination can
+        drop): an add of two branches is a producer in its own right.
+        """
         node = self._producer.get(value)
         while node is not None and node.op_type in through:
-            node = self._producer.get(node.input[0])
+            inputs = [v for v in node.input if v] if node.op_type in _ARITHMETIC else node.input[:1]
+            computed = [v for v in inputs if not self.constant(v)]
+            if len(computed) != 1:
+                break
+            node = self._producer.get(computed[0])
         return node
+
+    def constant(self, value: str) -> bool:
+        """Whether ``value`` is an initializer or a Constant node's output."""
+        node = self._producer.get(value)
+        return value in self.inits or (node is not None and node.op_type == "Constant")
 
     def producer_op(self, value: str, through: tuple[str, ...] = ("Identity",)) -> str:
         """The op type of :meth:`producer` ("" for a graph input or initializer)."""
@@ -321,7 +335,8 @@ def _activation_chain(s: _Surgery, value: str, qp: QParams, base: str, where: st
 _QDQ_PROPAGATING = frozenset({"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice"})
 
 
-_REMOVABLE = ("Identity", "Dropout", "Add", "Sub", "Mul", "Div")  # may vanish before ReluQuantFusion runs
+_ARITHMETIC = ("Add", "Sub", "Mul", "Div")
+_REMOVABLE = ("Identity", "Dropout", *_ARITHMETIC)  # may vanish before ReluQuantFusion runs
 
 
 def _guard_reason(s: _Surgery, value: str, qp: QParams, type_min: int) -> str:

@@ -192,6 +192,37 @@ def test_relu_then_layout_op_keeps_its_relu(tmp_path, layout) -> None:
     export_and_check(model.eval(), x, tmp_path / "layout.onnx")
 
 
+class ReluPlusBranch(nn.Module):
+    """HRNet's pattern: a Relu branch added to a computed branch (or, ``constant``, shifted by a
+    constant) feeding a conv whose 4-bit activation grid is signed."""
+
+    def __init__(self, constant: bool) -> None:
+        super().__init__()
+        self.constant = constant
+        self.stem, self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.head, self.tail = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)  # first and last layers are 8-bit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        relu = torch.relu(self.a(x))
+        return self.tail(self.head(relu - 0.5 if self.constant else relu + self.b(x)))
+
+
+@pytest.mark.parametrize("constant", [False, True])
+def test_a_relu_is_looked_for_through_an_add_only_when_the_add_may_vanish(tmp_path, constant: bool) -> None:
+    # An add of two computed branches stays in onnxruntime's graph, so the Relu behind one of them
+    # never meets the QuantizeLinear: no guard (hrnet_w18_small had one Max more than the same model
+    # quantized without rewrite). An add of a constant may be dropped (NoopElimination drops a
+    # neutral one; any constant is guarded): the Max stays.
+    x = torch.randn(2, 3, 8, 8)
+    model = qat_deployed(ReluPlusBranch(constant), x, "lsq", 4)
+    export_and_check(model, x, tmp_path / "add.onnx")
+    graph = onnx.load(str(tmp_path / "add.onnx")).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    head_q = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.name.startswith("head/act"))
+    assert (producer[head_q.input[0]].op_type == "Max") == constant
+
+
 # --------------------------------------------------------------------------- ReLU6 / Hardtanh (Clip)
 
 
