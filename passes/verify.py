@@ -340,7 +340,7 @@ def verify_onnx(
             report.checks.append(_compare(name, level, ref, out, tolerance))
     if quantizers:
         with eval_mode(model), torch.no_grad():
-            values = _check_quantizers(ort, path, feed, quantizers, seen, report)
+            values = _check_quantizers(ort, model, path, feed, quantizers, seen, report)
             if values is not None:
                 _check_forced(model, args, quantizers, values, tolerance, report)
     return report
@@ -382,6 +382,7 @@ def _feed(session: Any, feed: list[np.ndarray], path: str) -> dict[str, np.ndarr
 
 def _check_quantizers(
     ort: Any,
+    model: nn.Module,
     path: str,
     feed: list[np.ndarray],
     quantizers: list[tuple[str, nn.Module]],
@@ -391,6 +392,7 @@ def _check_quantizers(
     """Run the graph with each quantizer's input and output exposed, and compare the codes.
 
     Returns ``{layer: (ORT input, ORT output, ORT graph outputs)}`` for :func:`_check_forced`."""
+    layers = dict(model.named_modules())
     proto = onnx.load(path)
     producer = {o: n for n in proto.graph.node for o in n.output}
     by_name = {n.name: n for n in proto.graph.node}
@@ -420,6 +422,8 @@ def _check_quantizers(
         half_step = 0.5 * float(quantizer.qparams().scale.min())
         local = quantizer(torch.from_numpy(raw)).detach().cpu().numpy()
         ran = seen.get(layer)
+        if ran is not None and ran.shape != quantized.shape:
+            ran = _padded(layers.get(layer), ran)
         report.quantizers.append(
             QuantizerCheck(
                 layer=layer,
@@ -446,6 +450,7 @@ def _check_forced(
         report.notes.append(f"{absent}: its codes could not be held equal; the forced check skipped it")
         return
     inputs: dict[str, np.ndarray] = {}
+    layers = dict(model.named_modules())
     handles = []
     try:
         for layer, quantizer in quantizers:
@@ -454,6 +459,8 @@ def _check_forced(
                 if layer in inputs:  # a quantizer called twice: hold only its first call
                     return None
                 raw, quantized, _ = values[layer]
+                if tuple(output.shape) != quantized.shape:
+                    raw, quantized = (_unpadded(layers.get(layer), v) for v in (raw, quantized))
                 if tuple(output.shape) != quantized.shape or tuple(inp[0].shape) != raw.shape:
                     return None
                 inputs[layer] = inp[0].detach().cpu().numpy().copy()
@@ -470,11 +477,42 @@ def _check_forced(
                             f"no forced check")
         return
     for layer, _ in quantizers:
-        report.forced.append(_compare(f"input of {layer}", "ORT_DISABLE_ALL", inputs[layer], values[layer][0],
-                                      tolerance))
+        raw = values[layer][0]
+        if raw.shape != inputs[layer].shape:
+            raw = _unpadded(layers.get(layer), raw)
+        report.forced.append(_compare(f"input of {layer}", "ORT_DISABLE_ALL", inputs[layer], raw, tolerance))
     final = next(iter(values.values()))[2]
     for k, (ref, out) in enumerate(zip(outputs, final)):
         report.forced.append(_compare(f"output {k}", "ORT_DISABLE_ALL", ref, out, tolerance))
+
+
+def _padding(layer: nn.Module | None) -> tuple[int, ...] | None:
+    """The padding a conv with a copying padding mode (reflect, replicate, circular) applies before its
+    kernel: torch.onnx exports it as a Pad node, so the graph quantizes the padded input (the same
+    values: padding copies them). None for any other layer."""
+    if isinstance(layer, nn.modules.conv._ConvNd) and layer.padding_mode != "zeros":
+        return tuple(layer._reversed_padding_repeated_twice)
+    return None
+
+
+def _padded(layer: nn.Module | None, t: np.ndarray) -> np.ndarray:
+    """A quantizer output as the graph holds it (padded where :func:`_padding` says so)."""
+    pad = _padding(layer)
+    if pad is None:
+        return t
+    return torch.nn.functional.pad(torch.from_numpy(t), pad, mode=layer.padding_mode).numpy()
+
+
+def _unpadded(layer: nn.Module | None, t: np.ndarray) -> np.ndarray:
+    """The graph's padded tensor cut back to what the module's quantizer sees."""
+    pad = _padding(layer)
+    if pad is None:
+        return t
+    index = [slice(None)] * t.ndim
+    for k in range(len(pad) // 2):  # pairs from the last dimension backwards
+        lo, hi = pad[2 * k], pad[2 * k + 1]
+        index[t.ndim - 1 - k] = slice(lo, t.shape[t.ndim - 1 - k] - hi)
+    return t[tuple(index)]
 
 
 def _code_mismatch(a: np.ndarray, b: np.ndarray, half_step: float) -> float:
