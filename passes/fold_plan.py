@@ -119,6 +119,7 @@ class Dataflow:
     out_of: dict = field(default_factory=dict)      # output grad_fn -> (path, conv/linear)
     readers: dict = field(default_factory=dict)     # input grad_fn -> [(path, layer)] reading it directly
     site_in: dict = field(default_factory=dict)     # site -> [grad_fn of each branch]
+    site_readers: dict = field(default_factory=dict)  # grad_fn -> [(site, branch index)] reading it
     site_out: dict = field(default_factory=dict)    # site -> grad_fn of its output
     sizes: dict = field(default_factory=dict)       # site -> [channels of each branch]
     ops: dict = field(default_factory=dict)         # site -> "cat" or "add"
@@ -164,6 +165,8 @@ def _analyse(model: nn.Module, batch: tuple) -> Dataflow:
             def fpre(mod, args, path=path) -> None:
                 xs = branches(args)
                 g.site_in[path] = [x.grad_fn for x in xs]
+                for j, x in enumerate(xs):
+                    g.site_readers.setdefault(x.grad_fn, []).append((path, j))
                 g.sizes[path] = [x.shape[mod.dim] for x in xs]
                 g.ops[path] = mod.op
                 g.order.append(path)
@@ -229,7 +232,7 @@ def _walk_forward(fn, g: Dataflow, channels: int, positive: bool):
     while frontier:
         f, shift_ok, reshaped = frontier.pop()
         layers = g.readers.get(f, [])
-        sites = [(p, j) for p, fns in g.site_in.items() for j, x in enumerate(fns) if x is f]
+        sites = g.site_readers.get(f, [])
         passes = [(u, facts) for u in g.users.get(f, [])
                   if (facts := grad_fn_facts(u)) is not None and facts.scale is not None]
         if len(layers) + len(sites) + len(passes) != g.uses.get(f, 0):

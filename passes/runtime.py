@@ -10,8 +10,8 @@ failure named with the inputs that caused it. That is :func:`eval_mode`, :func:`
 
 from __future__ import annotations
 
-import copy
 import re
+import types
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -100,13 +100,31 @@ def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def structural_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of the module tree that shares every parameter and buffer with ``model``.
+    """A copy of the module tree that shares every tensor and attribute value with ``model``.
 
-    For scratch work that replaces modules and tensors (``conv.weight = new``) but never writes
-    into one: it costs the module objects, not the weights.
+    For scratch work that replaces modules, tensors and attributes (``conv.weight = new``,
+    ``m.enabled = False``, a hook) but never writes into a shared value: each module is a new
+    object with its own ``__dict__`` and its own copies of the containers in it (children,
+    parameters, buffers, hooks), so nothing done to the copy's structure reaches ``model``. It
+    costs one shallow copy per module (a ``deepcopy`` also walks every attribute).
     """
-    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo)
+    done: dict[int, nn.Module] = {}
+
+    def clone(m: nn.Module) -> nn.Module:
+        if id(m) in done:  # a module reachable twice stays one module
+            return done[id(m)]
+        new = m.__class__.__new__(m.__class__)
+        for k, v in m.__dict__.items():
+            if isinstance(v, (dict, list, set)):
+                v = v.copy()
+            elif isinstance(v, types.MethodType) and v.__self__ is m:  # m.forward = m.forward_fuse
+                v = types.MethodType(v.__func__, new)
+            new.__dict__[k] = v
+        done[id(m)] = new
+        new._modules = {k: (clone(c) if c is not None else None) for k, c in m._modules.items()}
+        return new
+
+    return clone(model)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
