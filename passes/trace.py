@@ -107,16 +107,23 @@ class FxTracer(fx.Tracer):
     A shallow trace records only the traced module's own forward: children become
     ``call_module`` nodes (containers are looked through, since parents index them). A deep
     trace keeps torch.nn layers, our own modules and ``leaf_types`` as leaves (:meth:`is_opaque`),
-    and also every child whose own forward reads ``self.training`` (:func:`reads_training`).
+    and also every child whose own forward reads ``self.training`` (:func:`reads_training`),
+    unless ``through_training``: then it traces through them too, and :func:`trace_module`
+    compares the two modes' graphs.
 
     The result of a ``chunk``/``split`` whose piece count its arguments fix (:func:`piece_count`)
     has a length and can be iterated.
     """
 
-    def __init__(self, leaf_types: Iterable[type] = (), shallow: bool = False) -> None:
+    def __init__(self, leaf_types: Iterable[type] = (), shallow: bool = False, through_training: bool = False) -> None:
         super().__init__()
         self.leaf_types = tuple(_LEAF_TYPES) + tuple(leaf_types)
         self.shallow = shallow
+        self.through_training = through_training
+
+    def again(self) -> FxTracer:
+        """A fresh tracer with the same options (a tracer traces once)."""
+        return FxTracer(self.leaf_types, self.shallow, self.through_training)
 
     def trace(self, root: nn.Module | Callable, concrete_args: dict | None = None) -> fx.Graph:
         """torch.fx traces ``type(root).forward``; a module whose instance ``forward`` is another
@@ -134,7 +141,7 @@ class FxTracer(fx.Tracer):
             return True
         if self.shallow:
             return not isinstance(m, CONTAINERS)
-        return super().is_leaf_module(m, qualname) or reads_training(type(m)) is True
+        return super().is_leaf_module(m, qualname) or (not self.through_training and reads_training(type(m)) is True)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         n = piece_count(node)
@@ -231,8 +238,9 @@ def trace_units(
             return
         if path and opaque(module, path):
             return  # torch.nn layers and our own leaves hold no fusion of their own
+        concrete = concrete_args if not path else None
         try:
-            gm = trace_module(module, FxTracer(leaf_types), concrete_args if not path else None)
+            gm = _through_training(module, leaf_types, concrete) or trace_module(module, FxTracer(leaf_types), concrete)
         except Exception as e:  # noqa: BLE001 - any tracing failure is reported, then we descend
             if not (isinstance(e, ModeDependentError) and not e.joins):  # a DropPath: nothing to examine
                 result.untraceable.append(Untraceable(path or "<root>", type(module).__name__, failure_reason(e)))
@@ -246,6 +254,27 @@ def trace_units(
 
     visit("", model)
     return result
+
+
+def _through_training(module: nn.Module, leaf_types: tuple, concrete_args: dict | None) -> fx.GraphModule | None:
+    """One deep graph through the children whose forward reads ``training``, when it is the same
+    graph in both modes (the branches they take do not change it: a DropPath of rate 0, a
+    dropout-free DenseNet layer); None when there is no such child, or the graphs differ, or the
+    trace fails. It saves tracing each such child as a unit of its own, in both modes."""
+    opaque = FxTracer(leaf_types).is_opaque
+    stack = list(module.named_children())
+    while stack:
+        name, m = stack.pop()
+        if isinstance(m, CONTAINERS) or not opaque(m, name):
+            if not isinstance(m, CONTAINERS) and reads_training(type(m)) is True:
+                break
+            stack += [(join(name, n), c) for n, c in m.named_children()]
+    else:
+        return None
+    try:
+        return trace_module(module, FxTracer(leaf_types, through_training=True), concrete_args)
+    except Exception:  # noqa: BLE001 - the mode-dependent children are then traced on their own
+        return None
 
 
 def mode_leaves(graph: fx.Graph, root: nn.Module, leaf_types: Iterable[type] = ()) -> list[str]:
@@ -321,7 +350,7 @@ def trace_module(module: nn.Module, tracer: FxTracer, concrete_args: dict | None
             was_training = module.training
             try:
                 module.train(not was_training)
-                other = FxTracer(tracer.leaf_types, tracer.shallow).trace(module, concrete_args)
+                other = tracer.again().trace(module, concrete_args)
             finally:
                 module.train(was_training)
             if other.python_code("self").src != graph.python_code("self").src:
@@ -395,7 +424,7 @@ def _compare_modes(module: nn.Module, tracer: FxTracer) -> bool:
         if not isinstance(m, CONTAINERS):  # containers are looked through, never called
             if tracer.is_leaf_module(m, path):
                 continue
-            if reads_training(type(m)) is None:
+            if reads_training(type(m)) is not False:  # unknown source, or traced through (through_training)
                 return True
         stack += [(join(path, name), c) for name, c in m.named_children()]
     return False

@@ -196,8 +196,12 @@ def test_mode_dependent_children_are_leaves_and_visited_as_units():
     # DropPath's two graphs differ, but neither joins two values: nothing to examine, not listed
     assert result.untraceable == []
 
-    # with p = 0 the DropPath traces the same in both modes: a unit of its own (and empty)
-    assert [u.path for u in trace_units(convnext(p=0.0)).units] == ["1", "1.drop_path", "2", "2.drop_path"]
+    # with p = 0 the DropPath traces the same in both modes: the block is traced through it, one
+    # graph valid in both modes (no unit per DropPath, no second trace of it)
+    plain = trace_units(convnext(p=0.0))
+    assert [u.path for u in plain.units] == ["1", "2"]
+    calls = [n.target for n in plain.units[0].graph_module.graph.nodes if n.op == "call_module"]
+    assert calls == ["dw", "pw1", "act", "pw2"] and mode_leaves(plain.units[0].graph_module.graph, block.module) == []
 
 
 def test_shallow_trace_is_unchanged_for_a_mode_dependent_child():
