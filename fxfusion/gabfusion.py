@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["GABFusion", "ALPHA_MODES", "NORMS", "branches", "fuse", "gate_value", "preserving_sites", "set_gate"]
@@ -152,11 +153,17 @@ class GABFusion(nn.Module):
         if self.alpha_mode == "balanced" and self.training and torch.is_grad_enabled():
             xs = self._record_energy(xs)
         a = self.alpha()
-        h = self.fuse([a[i] * x for i, x in enumerate(xs)])
-        if self.preserve:
+        if self.op == "cat":  # one cat: α_i·x_i side by side is the cat times α spread over its channels
             plain = self.fuse(xs)
-            return plain + self.mix * (self.normalize(h) - plain)
-        return self.normalize(h)
+            shape = [1] * plain.dim()
+            shape[self.dim] = -1
+            h = plain * torch.cat([a[i:i + 1].expand(x.shape[self.dim]) for i, x in enumerate(xs)]).view(shape)
+        else:
+            h = self.fuse([a[i] * x for i, x in enumerate(xs)])
+            plain = self.fuse(xs) if self.preserve else None
+        out = torch.lerp(plain, self.normalize(h), self.mix) if self.preserve else self.normalize(h)  # lerp:
+        # exactly ``plain`` at mix = 0. The layout of the fused tensor, whatever the normalization's is:
+        return out if out.stride() == h.stride() else torch.empty_like(h).copy_(out)
 
     def fuse(self, xs: Sequence[Tensor]) -> Tensor:
         """The site's original op on ``xs``: cat along ``dim``, or the sum in its original nesting."""
@@ -169,12 +176,12 @@ class GABFusion(nn.Module):
     def normalize(self, h: Tensor) -> Tensor:
         """Per-sample normalization of ``h`` (per position across ``dim`` for LayerNorm, over all
         non-batch axes for samplenorm; none for norm='none'), then γ, β if the site has them."""
+        if self.norm == "layernorm":  # one fused kernel (and backward) over the feature axis moved last
+            moved = h.movedim(self.dim, -1)
+            return F.layer_norm(moved, moved.shape[-1:], self.gamma(), self.bias, self.eps).movedim(-1, self.dim)
         out = h
-        if self.norm != "none":
-            axes = self.dim if self.norm == "layernorm" else tuple(range(1, h.dim()))
-            mu = h.mean(axes, keepdim=True)
-            var = h.var(axes, unbiased=False, keepdim=True)
-            out = (h - mu) * torch.rsqrt(var + self.eps)
+        if self.norm == "samplenorm":
+            out = F.layer_norm(h, h.shape[1:], eps=self.eps)
         if self.weight is not None:
             shape = [1] * h.dim()
             shape[self.dim] = -1

@@ -226,3 +226,28 @@ def test_quantized_default_rewrite_trains_exactly_like_the_plain_quantized_model
             steps.append(float(loss))
         losses.append(steps)
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("op", ["cat", "add"])
+def test_gated_site_is_the_original_op_when_closed_and_layernorm_when_open(op: str, memory_format) -> None:
+    # The forward runs LayerNorm as one fused kernel on the feature axis moved last; the result is
+    # what the formula says, in the layout of the fused tensor (a channels-last model stays so).
+    torch.manual_seed(0)
+    site = GABFusion(op, 2, dim=1, channels=8 if op == "cat" else 4, alpha="learned", preserve=True,
+                     branch_channels=[4, 4] if op == "cat" else None)
+    a, b = (torch.randn(2, 4, 5, 5).contiguous(memory_format=memory_format) for _ in range(2))
+    plain = torch.cat([a, b], 1) if op == "cat" else a + b
+    closed = site(a, b)
+    assert torch.equal(closed, plain) and closed.stride() == plain.stride()
+    with torch.no_grad():
+        site.mix.fill_(1.0)
+        site.log_alpha.copy_(torch.tensor([0.3, -0.2]))
+        site.weight.uniform_(0.5, 1.5)
+        site.bias.uniform_(-0.5, 0.5)
+    alpha = site.alpha()
+    h = torch.cat([alpha[0] * a, alpha[1] * b], 1) if op == "cat" else alpha[0] * a + alpha[1] * b
+    var, mean = torch.var_mean(h, 1, unbiased=False, keepdim=True)
+    want = (h - mean) * torch.rsqrt(var + site.eps) * site.weight.view(1, -1, 1, 1) + site.bias.view(1, -1, 1, 1)
+    got = site(a, b)
+    assert torch.allclose(got, want, atol=1e-5) and got.stride() == plain.stride()
