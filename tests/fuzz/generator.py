@@ -606,10 +606,28 @@ def _count_sites(steps: Sequence[Step], layers: Sequence[tuple], outputs: tuple[
             sites += reaches[v]  # the block's own residual add
         elif step.op == "cat" and step.arg[2] and reaches[v]:  # arg[2]: along the feature axis
             sites += 1
-        elif is_plain_add(v) and v not in absorbed and reaches[v]:
+        elif is_plain_add(v) and v not in absorbed and reaches[v] and not _reparameterizable(v, steps, layers, uses):
             sites += 1
             reassociated |= not _left_comb(_add_tree(v, steps, absorbed))
     return sites, reassociated
+
+
+def _reparameterizable(v: int, steps: Sequence[Step], layers: Sequence[tuple], uses: list[int]) -> bool:
+    """find's rule for an add that a re-parameterization merges (``passes/reparam.py``), on the plan:
+    every branch is a linear function of one value, through convs, BatchNorms and plain adds each read
+    once, with a conv and a BatchNorm on the way (``bn(conv_1x1(x)) + conv_3x3(x)``)."""
+    sources, kinds, stack = set(), set(), list(steps[v - 1].srcs)
+    while stack:
+        s = stack.pop()
+        step = steps[s - 1] if s > 0 else None
+        kind = layers[step.layer][0] if step is not None and step.op == "layer" else None
+        if step is None or uses[s] != 1 or not (kind in ("conv", "bn") or step.op == "add"):
+            sources.add(s)
+            continue
+        if kind:
+            kinds.add(kind)
+        stack += list(step.srcs)
+    return len(sources) == 1 and kinds >= {"conv", "bn"}
 
 
 def _add_tree(v: int, steps: Sequence[Step], absorbed: set[int]):
