@@ -56,7 +56,7 @@ import torch.fx as fx
 from common import (  # a sibling file: run this script as ``python benchmarks/passes.py``
     Stopwatch,
     Timing,
-    build_third_party,
+    build_model,
     environment,
     fit_loglog_slope,
     markdown_table,
@@ -276,7 +276,7 @@ def _zoo_bench(name: str) -> _Bench:
 
 def _torchvision_bench(name: str) -> _Bench:
     size = TORCHVISION[name]
-    model = build_third_party("tv", name, size).eval()
+    model = build_model(f"tv_{name}", size).eval()
     g = torch.Generator().manual_seed(0)
     x, *calib = (torch.randn(2, 3, size, size, generator=g) for _ in range(3))
     nodes = len(fx.symbolic_trace(model).graph.nodes)

@@ -161,8 +161,9 @@ class GABFusion(nn.Module):
         else:
             h = self.fuse([a[i] * x for i, x in enumerate(xs)])
             plain = self.fuse(xs) if self.preserve else None
-        out = torch.lerp(plain, self.normalize(h), self.mix) if self.preserve else self.normalize(h)  # lerp:
-        # exactly ``plain`` at mix = 0. The layout of the fused tensor, whatever the normalization's is:
+        # lerp is exactly ``plain`` at mix = 0
+        out = torch.lerp(plain, self.normalize(h), self.mix) if self.preserve else self.normalize(h)
+        # in the fused tensor's layout, whatever the normalization's is
         return out if out.stride() == h.stride() else torch.empty_like(h).copy_(out)
 
     def fuse(self, xs: Sequence[Tensor]) -> Tensor:

@@ -261,18 +261,11 @@ def _through_training(module: nn.Module, leaf_types: tuple, concrete_args: dict 
     graph in both modes (the branches they take do not change it: a DropPath of rate 0, a
     dropout-free DenseNet layer); None when there is no such child, or the graphs differ, or the
     trace fails. It saves tracing each such child as a unit of its own, in both modes."""
-    opaque = FxTracer(leaf_types).is_opaque
-    stack = list(module.named_children())
-    while stack:
-        name, m = stack.pop()
-        if isinstance(m, CONTAINERS) or not opaque(m, name):
-            if not isinstance(m, CONTAINERS) and reads_training(type(m)) is True:
-                break
-            stack += [(join(name, n), c) for n, c in m.named_children()]
-    else:
+    tracer = FxTracer(leaf_types, through_training=True)
+    if not any(reads_training(type(m)) is True for m in _traced_through(module, tracer)):
         return None
     try:
-        return trace_module(module, FxTracer(leaf_types, through_training=True), concrete_args)
+        return trace_module(module, tracer, concrete_args)
     except Exception:  # noqa: BLE001 - the mode-dependent children are then traced on their own
         return None
 
@@ -418,16 +411,21 @@ def _compare_modes(module: nn.Module, tracer: FxTracer) -> bool:
         return True
     if tracer.shallow:  # in a shallow trace only the root's own forward runs symbolically
         return False
+    # unknown source, or a training reader traced through (through_training)
+    return any(reads_training(type(m)) is not False for m in _traced_through(module, tracer))
+
+
+def _traced_through(module: nn.Module, tracer: FxTracer) -> Iterator[nn.Module]:
+    """The descendants whose own forward a deep trace of ``module`` with ``tracer`` runs
+    symbolically: not leaves, and not containers (looked through, never called)."""
     stack = list(module.named_children())
     while stack:
         path, m = stack.pop()
-        if not isinstance(m, CONTAINERS):  # containers are looked through, never called
+        if not isinstance(m, CONTAINERS):
             if tracer.is_leaf_module(m, path):
                 continue
-            if reads_training(type(m)) is not False:  # unknown source, or traced through (through_training)
-                return True
+            yield m
         stack += [(join(path, name), c) for name, c in m.named_children()]
-    return False
 
 
 @functools.lru_cache(maxsize=None)
