@@ -110,6 +110,7 @@ def quantize(
     skip: str | None = None,
     skip_types: Iterable[type] = (),
     fold_bn: bool = True,
+    pow2: bool = False,
     inplace: bool = False,
 ) -> nn.Module:
     """Insert fake quantizers for QAT (call after :func:`fxfusion.rewrite`).
@@ -125,6 +126,11 @@ def quantize(
         skip: regex (``re.search``) on module paths to keep in float, e.g. ``r"model\\.24"``.
         skip_types: layer classes to keep in float.
         fold_bn: fold conv-following BatchNorm before QAT (recommended; see module doc).
+        pow2: power-of-two scales for every quantizer (built-in methods only; see
+            :class:`fxfusion.quant.Quantizer`). The exported ONNX then reproduces the deployed
+            model bit for bit in onnxruntime wherever the float ops between quantizers are exact
+            in float32 (convs, linears, adds, concats, ReLU, max pooling); with free float scales
+            the two runtimes may round a value that sits on a rounding tie differently.
         inplace: edit ``model`` itself instead of a deep copy.
 
     Returns:
@@ -138,7 +144,7 @@ def quantize(
         (4, 4)
     """
     model = network(model, "quantize", edits=True)
-    factory = _factory(method)
+    factory = _factory(method, pow2)
     w_bits, a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
     if first_last_bits is not None:
         first_last_bits = check_bits(first_last_bits, "first_last_bits")
@@ -189,13 +195,18 @@ def quantize(
     return model
 
 
-def _factory(method: str | QuantizerFactory) -> QuantizerFactory:
+def _factory(method: str | QuantizerFactory, pow2: bool) -> QuantizerFactory:
+    if not isinstance(pow2, bool):
+        raise TypeError(f"quantize: pow2 must be a bool, got {pow2!r}")
     if callable(method):
+        if pow2:
+            raise ValueError("quantize: pow2=True applies to the built-in methods; a custom factory "
+                             "chooses its own scales (build its quantizers with power-of-two scales instead)")
         return method
     if not isinstance(method, str) or method.lower() not in QUANTIZERS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(sorted(QUANTIZERS))}, "
                          "or a factory f(*, bits, role, signed, channels, axis) returning a quantizer module")
-    return lambda **kw: make_quantizer(method, **kw)
+    return lambda **kw: make_quantizer(method, pow2=pow2, **kw)
 
 
 # --- BatchNorm folding ----------------------------------------------------------------------

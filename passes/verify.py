@@ -27,6 +27,15 @@ amplify a handful of flips into a large part of its range (and then PyTorch agai
 another conv algorithm, differs about as much). verify then fails, because the file does not
 reproduce that model's outputs to the promised bound, even though every op in it is right.
 
+**Power-of-two scales remove the ties' cause.** When every quantizer has a power-of-two scale
+(``quantize(..., pow2=True)``) and the bias sits on its int32 grid (as :mod:`fxfusion.quant.layers`
+keeps it), each product in a conv or linear layer is an exact float32 number and so is every
+partial sum, whatever the order (as long as it stays below 2^24 grid steps, which 2-8 bit codes
+do in practice): both runtimes get the same bits, then round them the same way. The outputs are
+then equal bit for bit wherever the float ops between quantizers are exact too (add, concat, ReLU,
+max pooling, nearest resizing); transcendental activations (SiLU, GELU, sigmoid) and averages are
+computed with different approximations and can still flip a tie.
+
 **Diagnostics** (they explain a result; ``passed`` needs condition 1 whatever they say). Each
 activation quantizer of the graph is checked on its own: onnxruntime's input to the quantizer is
 fed to the PyTorch quantizer, and the codes must agree (``local`` column, expected 0: the export
@@ -240,7 +249,9 @@ class VerifyReport:
             lines.append(
                 "every op of the graph is right (quantizers exact, every float segment agrees with the codes held "
                 "equal), but this model turns the codes that the two runtimes round differently at ties into "
-                f"differences above {self.bound:g} of its range: the file does not reproduce its outputs that closely"
+                f"differences above {self.bound:g} of its range: the file does not reproduce its outputs that closely. "
+                "Quantized with power-of-two scales (quantize(..., pow2=True)), convs and linears sum exact products "
+                "and the two runtimes compute the same bits wherever the float ops between quantizers are exact"
             )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)

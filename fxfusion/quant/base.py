@@ -252,6 +252,11 @@ class Quantizer(nn.Module):
         axis: the channel axis, default 0 when ``per_channel``; must be None otherwise.
         signed_act_scheme: overrides the class attribute of the same name (kept for subclasses
             that pass it to ``super().__init__``); None, the default, keeps the class's choice.
+        pow2: restrict the scale to a power of two (TQT-style): ``forward`` and ``qparams``
+            use ``2^round(log2 s)`` of the learned scale ``s``, with a straight-through gradient.
+            With power-of-two scales a conv or linear layer on quantized inputs sums exact
+            products, so onnxruntime and PyTorch compute the same bits (see
+            :func:`fxfusion.verify_onnx`); default False, a free float scale.
 
     Attributes:
         signed_act_scheme: class attribute, the scheme of a signed activation,
@@ -273,10 +278,14 @@ class Quantizer(nn.Module):
         channels: int | None = None,
         axis: int | None = None,
         signed_act_scheme: str | None = None,
+        pow2: bool = False,
     ) -> None:
         super().__init__()
         name = type(self).__name__
         self.bits = check_bits(bits)
+        if not isinstance(pow2, bool):
+            raise TypeError(f"{name}: pow2 must be a bool, got {pow2!r}")
+        self.pow2 = pow2
         if not isinstance(signed, bool):
             raise TypeError(f"{name}: signed must be a bool, got {signed!r}")
         if role is None:
@@ -427,6 +436,16 @@ class Quantizer(nn.Module):
             return max(1, x.numel() // x.shape[self.axis])
         return max(1, x.numel())
 
+    def _constrain(self, scale: Tensor) -> Tensor:
+        """The scale the grid uses: ``scale``, or with ``pow2`` its nearest power of two in log2.
+
+        ``exp2`` of an integer-valued float is an exact power of two; the rounding of the exponent
+        is straight-through, so the learned scale gets ``d 2^k / d s = 2^k / s`` as its gradient.
+        """
+        if not self.pow2:
+            return scale
+        return torch.exp2(round_ste(torch.log2(scale)))
+
     def _affine(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
         """Scale and integer zero point of this quantizer's scheme for the range ``[lo, hi]``.
 
@@ -439,13 +458,13 @@ class Quantizer(nn.Module):
         ``scale`` keeps autograd history (DSQ learns through it); ``zero_point`` has none.
         """
         if self.scheme == "unsigned":
-            scale = hi.clamp(min=0) / self.qmax
-            return scale.clamp(min=_MIN_SCALE), torch.zeros_like(scale, dtype=torch.int64)
+            scale = self._constrain((hi.clamp(min=0) / self.qmax).clamp(min=_MIN_SCALE))
+            return scale, torch.zeros_like(scale, dtype=torch.int64)
         if self.scheme == "symmetric":
-            scale = torch.maximum(lo.abs(), hi.abs()) / self.qmax
-            return scale.clamp(min=_MIN_SCALE), torch.zeros_like(scale, dtype=torch.int64)
+            scale = self._constrain((torch.maximum(lo.abs(), hi.abs()) / self.qmax).clamp(min=_MIN_SCALE))
+            return scale, torch.zeros_like(scale, dtype=torch.int64)
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scale = ((hi - lo) / (self.qmax - self.qmin)).clamp(min=_MIN_SCALE)
+        scale = self._constrain(((hi - lo) / (self.qmax - self.qmin)).clamp(min=_MIN_SCALE))
         zero_point = torch.round(self.qmin - lo.detach() / scale.detach())
         zero_point = zero_point.clamp(self.qmin, self.qmax).to(torch.int64)
         return scale, zero_point
@@ -465,6 +484,8 @@ class Quantizer(nn.Module):
         text = f"bits={self.bits}, signed={self.signed}, role={self.role!r}, scheme={self.scheme!r}"
         if self.per_channel:
             text += f", channels={self.channels}, axis={self.axis}"
+        if self.pow2:
+            text += ", pow2=True"
         if not self.enabled:
             text += ", enabled=False"
         return text

@@ -74,7 +74,7 @@ class LSQQuantizer(Quantizer):
 
     def _step(self) -> Tensor:
         # A step driven to <= 0 by the optimizer would flip the grid; keep it positive.
-        return self.step.clamp(min=_MIN_SCALE)
+        return self._constrain(self.step.clamp(min=_MIN_SCALE))
 
     def qparams(self) -> QParams:
         """Scale = the learned step, zero point 0."""

@@ -155,7 +155,7 @@ class N2UQQuantizer(Quantizer):
                 with torch.no_grad():
                     self.step.copy_(self._weight_step(x.detach()))
             zero_point = torch.zeros_like(self.step, dtype=torch.int64)
-            value = fake_quantize(x.detach(), self.step, zero_point, self.qmin, self.qmax, self.axis)
+            value = fake_quantize(x.detach(), self._step(), zero_point, self.qmin, self.qmax, self.axis)
             return value + (x - x.detach())  # exactly the grid value in forward, gradient 1
 
         # LSQ's gradient scale g = 1/sqrt(N·Qp) on every learned parameter: their gradients sum over
@@ -167,7 +167,7 @@ class N2UQQuantizer(Quantizer):
         return _GSTE.apply(x, bounds, widths, thresholds.detach(), grad_scale(self._step(), g), self.qmin)
 
     def _step(self) -> Tensor:
-        return self.step.clamp(min=_MIN_SCALE)
+        return self._constrain(self.step.clamp(min=_MIN_SCALE))
 
     def thresholds(self) -> Tensor:
         """The sorted forward input thresholds ``t_j`` (activations only), detached."""
