@@ -105,7 +105,7 @@ def _deployed(pow2: bool) -> tuple[nn.Module, torch.Tensor]:
     set_gate(qat, 1.0)  # every site open, so that deploy folds each α
     opt = torch.optim.SGD(qat.parameters(), lr=1e-2, momentum=0.9)
     qat.train()
-    for i in range(3):
+    for _ in range(3):
         loss = sum(t.pow(2).mean() for t in qat(torch.randn(4, 3, 24, 24)))
         opt.zero_grad()
         loss.backward()

@@ -105,6 +105,7 @@ def test_the_command_line_trains_and_deploys_the_plain_qat_baseline(tmp_path: Pa
     (["yolo", "train", "model=yolov8n.yaml", "data=x.yaml", "epoch=3"], "unknown argument(s) epoch"),
     (["yolo", "deploy", "model=a.pt", "finetune=3", "ada=True"], "unknown argument(s) ada"),
     (["yolo", "train", "model=yolov8n.yaml", "data=x.yaml", "ada=True", "rewrite=False"], "need rewrite=True"),
+    (["yolo", "train", "model=yolov8n.yaml", "data=x.yaml", "pow2=3"], "pow2=3 must be True or False"),
 ])
 def test_bad_yolo_arguments_are_one_line_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert main(argv) == 2

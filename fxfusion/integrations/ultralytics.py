@@ -74,6 +74,9 @@ class FusionOptions:
         ramp, taper: :class:`~fxfusion.NormSchedule`'s shares of the run (gate opens, closes).
         calib: images from the train split that rewrite and the quantizers' initialization see.
         rewrite: place GABFusion (False: the same QAT without it, the baseline to compare with).
+        pow2: power-of-two quantizer scales (``fxfusion.quantize(..., pow2=True)``): the deployed
+            ONNX then reproduces the PyTorch model bit for bit where the float ops between
+            quantizers are exact (not through SiLU, which the two runtimes approximate differently).
     """
 
     method: str = "lsq"
@@ -86,6 +89,7 @@ class FusionOptions:
     taper: float = 0.25
     calib: int = 16
     rewrite: bool = True
+    pow2: bool = False
 
     def check(self) -> None:
         """Refuse bad options by name (ValueError)."""
@@ -93,7 +97,7 @@ class FusionOptions:
             raise ValueError(f"method={self.method!r} is not one of {sorted(QUANTIZERS)}")
         check_bits(self.bits, "bits")
         check_bits(self.first_last_bits, "first_last_bits")
-        for name in ("ada", "balanced", "rewrite"):
+        for name in ("ada", "balanced", "rewrite", "pow2"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if not 0 <= self.ramp <= 1 or not 0 <= self.taper <= 1 or self.ramp + self.taper > 1:
@@ -176,7 +180,7 @@ def prepare(net: nn.Module, images: Tensor, options: FusionOptions) -> nn.Module
     if options.rewrite:
         net = fxfusion.rewrite(net, images, alpha="balanced" if options.balanced else "learned")
     qat = fxfusion.quantize(net, images, method=options.method, w_bits=options.bits,
-                            a_bits=options.bits, first_last_bits=options.first_last_bits)
+                            a_bits=options.bits, first_last_bits=options.first_last_bits, pow2=options.pow2)
     with torch.no_grad():
         qat(images)
     return qat
@@ -283,16 +287,16 @@ class GABFusionTrainer(DetectionTrainer):
 
 def train(model: Any, data: str, *, method: str = "lsq", bits: int = 4, first_last_bits: int = 8,
           ada: bool = False, ada_weight: float = 0.01, balanced: bool = False, ramp: float = 0.25,
-          taper: float = 0.25, calib: int = 16, rewrite: bool = True, teacher: Any = None,
-          **train_args: Any) -> Path:
+          taper: float = 0.25, calib: int = 16, rewrite: bool = True, pow2: bool = False,
+          teacher: Any = None, **train_args: Any) -> Path:
     """QAT with GABFusion in Ultralytics' trainer; returns the path of ``last.pt``.
 
     Args:
         model: a float ``.pt`` (or ``.yaml``, or a ``YOLO`` object), or an fxfusion checkpoint
             to continue (``resume=True`` resumes it as Ultralytics does).
         data: the dataset yaml.
-        method, bits, first_last_bits, ada, ada_weight, balanced, ramp, taper, calib, rewrite:
-            see :class:`FusionOptions`.
+        method, bits, first_last_bits, ada, ada_weight, balanced, ramp, taper, calib, rewrite,
+            pow2: see :class:`FusionOptions`.
         teacher: the float network for ADA when ``model`` is already an fxfusion checkpoint.
         **train_args: any Ultralytics train argument (``epochs``, ``imgsz``, ``batch``,
             ``project``, ``name``, ``device``, ...).
@@ -303,7 +307,7 @@ def train(model: Any, data: str, *, method: str = "lsq", bits: int = 4, first_la
     """
     options = FusionOptions(method=method, bits=bits, first_last_bits=first_last_bits, ada=ada,
                             ada_weight=ada_weight, balanced=balanced, ramp=ramp, taper=taper, calib=calib,
-                            rewrite=rewrite)
+                            rewrite=rewrite, pow2=pow2)
     options.check()  # here, not inside the trainer after the data is loaded
     yolo = load(model)
     source = yolo.ckpt_path or yolo.cfg
