@@ -21,8 +21,9 @@ Usage::
 
     python benchmarks/fuzz.py --examples 2000 [--seed 0] [--workers 2] [--time-budget 1200]
     python benchmarks/fuzz.py --seed 0 --replay 123      # one example, with its plan and full messages
+    python benchmarks/fuzz.py --examples 2000 --pow2     # the same networks, power-of-two scales
 
-Writes ``fuzz.json`` and ``fuzz.md`` under ``--out`` (default ``benchmarks/results``), also every
+Writes ``fuzz.json`` and ``fuzz.md`` (``fuzz_pow2.*`` with ``--pow2``) under ``--out`` (default ``benchmarks/results``), also every
 ``--save-every`` examples, so an interrupted run keeps what it did. Each worker runs one torch thread.
 """
 
@@ -72,9 +73,10 @@ def example(seed: int, index: int) -> tuple[Any, str, int, int]:
     return spec, rng.choice(gen.METHODS), rng.randint(2, 8), rng.randint(2, 8)
 
 
-def run_one(args: tuple[int, int]) -> dict[str, Any]:
-    """Run example ``index`` of campaign ``seed``; everything the summary needs, picklable."""
-    seed, index = args
+def run_one(args: tuple[int, int, bool]) -> dict[str, Any]:
+    """Run example ``index`` of campaign ``seed`` (power-of-two scales when ``pow2``); everything the
+    summary needs, picklable."""
+    seed, index, pow2 = args
     torch.set_num_threads(1)
     start = time.perf_counter()
     spec, method, w_bits, a_bits = example(seed, index)
@@ -83,7 +85,7 @@ def run_one(args: tuple[int, int]) -> dict[str, Any]:
                            "tags": sorted(spec.tags), "failures": [], "info": {}, "seconds": {}}
     try:
         with tempfile.TemporaryDirectory(prefix="fxfusion-fuzz-") as tmp:
-            outcome = gen.run_example(spec, method=method, w_bits=w_bits, a_bits=a_bits, tmpdir=tmp)
+            outcome = gen.run_example(spec, method=method, w_bits=w_bits, a_bits=a_bits, tmpdir=tmp, pow2=pow2)
         row["failures"] = [{"kind": f.kind, "message": _message(f)} for f in outcome.failures]
         row["info"], row["seconds"] = outcome.info, outcome.seconds
     except Exception as e:  # noqa: BLE001 - a harness crash is a finding too; keep the campaign going
@@ -108,10 +110,11 @@ def _message(failure: BaseException, limit: int = 4000) -> str:
 # --------------------------------------------------------------------------- the campaign
 
 
-def campaign(examples: int, seed: int, workers: int, budget: float | None, out: Path, save_every: int) -> dict:
+def campaign(examples: int, seed: int, workers: int, budget: float | None, out: Path, save_every: int,
+             pow2: bool = False) -> dict:
     start = time.perf_counter()
     rows: list[dict] = []
-    jobs = [(seed, i) for i in range(examples)]
+    jobs = [(seed, i, pow2) for i in range(examples)]
     stopped = ""
     pool = mp.Pool(workers) if workers > 1 else None
     results = pool.imap(run_one, jobs, chunksize=1) if pool else map(run_one, jobs)
@@ -122,7 +125,7 @@ def campaign(examples: int, seed: int, workers: int, budget: float | None, out: 
             print(f"[{len(rows)}/{examples}] #{row['index']} sites={row['sites']} {row['method']} "  # noqa: T201
                   f"w{row['w_bits']}a{row['a_bits']} {row['seconds']['total']:.2f}s {bad}", flush=True)
             if len(rows) % save_every == 0:
-                _save(rows, seed, examples, time.perf_counter() - start, workers, "running", out)
+                _save(rows, seed, examples, time.perf_counter() - start, workers, "running", out, pow2)
             if budget is not None and time.perf_counter() - start > budget:
                 stopped = f"time budget of {budget:.0f} s reached"
                 break
@@ -132,17 +135,19 @@ def campaign(examples: int, seed: int, workers: int, budget: float | None, out: 
         if pool:
             pool.terminate()
             pool.join()
-    summary = _save(rows, seed, examples, time.perf_counter() - start, workers, stopped or "complete", out)
+    summary = _save(rows, seed, examples, time.perf_counter() - start, workers, stopped or "complete", out, pow2)
     return summary
 
 
-def _save(rows: list[dict], seed: int, requested: int, seconds: float, workers: int, status: str, out: Path) -> dict:
-    summary = summarize(rows, seed, requested, seconds, workers, status)
-    write_results(out, "fuzz", summary, to_markdown(summary))
+def _save(rows: list[dict], seed: int, requested: int, seconds: float, workers: int, status: str, out: Path,
+          pow2: bool) -> dict:
+    summary = summarize(rows, seed, requested, seconds, workers, status, pow2)
+    write_results(out, "fuzz_pow2" if pow2 else "fuzz", summary, to_markdown(summary))
     return summary
 
 
-def summarize(rows: list[dict], seed: int, requested: int, seconds: float, workers: int, status: str) -> dict:
+def summarize(rows: list[dict], seed: int, requested: int, seconds: float, workers: int, status: str,
+              pow2: bool = False) -> dict:
     kinds: dict[str, dict] = {}
     for row in rows:
         for f in row["failures"]:
@@ -154,7 +159,8 @@ def summarize(rows: list[dict], seed: int, requested: int, seconds: float, worke
                 k["repro"] = {"index": row["index"], "steps": row["steps"], "method": row["method"],
                               "w_bits": row["w_bits"], "a_bits": row["a_bits"], "message": f["message"],
                               "plan": row["plan"],
-                              "replay": f"python benchmarks/fuzz.py --seed {seed} --replay {row['index']}"}
+                              "replay": f"python benchmarks/fuzz.py --seed {seed} --replay {row['index']}"
+                                        + (" --pow2" if pow2 else "")}
     failed = [r for r in rows if r["failures"]]
     unknown = [r for r in rows if any(f["kind"] not in gen.KNOWN_ISSUES for f in r["failures"])]
     tags = Counter(t for r in rows for t in r["tags"])
@@ -167,7 +173,7 @@ def summarize(rows: list[dict], seed: int, requested: int, seconds: float, worke
     worst = max(exact_rows, key=lambda e: e[1]["max_vs_frozen_ln"] / max(1.0, e[1]["output_range"]), default=None)
     qat_info = [r["info"]["qat"] for r in rows if "qat" in r["info"]]
     return {
-        "meta": {**environment(), "seed": seed, "examples_requested": requested, "workers": workers,
+        "meta": {**environment(), "seed": seed, "pow2": pow2, "examples_requested": requested, "workers": workers,
                  "status": status, "generator": "tests/fuzz/generator.py (RandomChoices)"},
         "examples_run": len(rows),
         "examples_failed": len(failed),
@@ -193,6 +199,7 @@ def summarize(rows: list[dict], seed: int, requested: int, seconds: float, worke
         "qat": {
             "examples_verified": len(qat_info),
             "verify_exact": sum(bool(i["verify_exact"]) for i in qat_info),
+            "bit_exact": sum(bool(i.get("bit_exact")) for i in qat_info),
             "max_mismatch_fraction": max((i["mismatch"] for i in qat_info), default=0.0),
         },
         "coverage": dict(sorted(tags.items())),
@@ -214,7 +221,7 @@ def to_markdown(s: dict) -> str:
     lines = [
         "# Fuzzing campaign (`benchmarks/fuzz.py`)",
         "",
-        f"Seed {m['seed']}, {s['examples_run']} of {m['examples_requested']} examples run ({m['status']}), "
+        f"Seed {m['seed']}{', power-of-two scales (`--pow2`)' if m.get('pow2') else ''}, {s['examples_run']} of {m['examples_requested']} examples run ({m['status']}), "
         f"{s['seconds']:.0f} s wall with {m['workers']} worker(s) of 1 torch thread "
         f"({s['seconds_per_example']:.2f} s per example); torch {m['torch']}, {m['date']}.",
         "",
@@ -243,7 +250,8 @@ def to_markdown(s: dict) -> str:
         f"exact; closest to the bound 1e-5 x max(1, output range): {_worst(fd['worst_exact'])}; "
         f"{fd['examples_with_explicit_sites']} kept an explicit per-channel site",
         f"- QAT: {q['examples_verified']} networks verified in onnxruntime, {q['verify_exact']} with every "
-        f"quantizer exact on its own input; largest mismatch fraction {q['max_mismatch_fraction']:.3g}",
+        f"quantizer exact on its own input, {q.get('bit_exact', '-')} with onnxruntime's outputs bit for bit "
+        f"PyTorch's; largest mismatch fraction {q['max_mismatch_fraction']:.3g}",
         f"- methods: {s['methods']}",
         f"- seconds by stage (summed over workers): {s['seconds_by_stage']}",
         "", "## Coverage (networks containing each pattern)", "",
@@ -259,12 +267,12 @@ def _worst(w: dict | None) -> str:
             f"{w['output_range']:.3g} ({w['ratio_to_bound']:.2f} of the bound)")
 
 
-def replay(seed: int, index: int) -> None:
+def replay(seed: int, index: int, pow2: bool = False) -> None:
     spec, method, w_bits, a_bits = example(seed, index)
     print(gen.describe(spec))  # noqa: T201
     print(f"method={method} w_bits={w_bits} a_bits={a_bits}; tags: {sorted(spec.tags)}")  # noqa: T201
     print(torch.fx.symbolic_trace(gen.build(spec)).code)  # noqa: T201
-    row = run_one((seed, index))
+    row = run_one((seed, index, pow2))
     for f in row["failures"]:
         print(f"--- {f['kind']}\n{f['message']}")  # noqa: T201
     print("no failure" if not row["failures"] else f"{len(row['failures'])} failure(s)")  # noqa: T201
@@ -280,12 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--replay", type=int, default=None, help="run example REPLAY alone and print everything")
+    p.add_argument("--pow2", action="store_true", help="quantize with power-of-two scales (writes fuzz_pow2.*)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.replay is not None:
-        replay(a.seed, a.replay)
+        replay(a.seed, a.replay, a.pow2)
         return 0
-    s = campaign(a.examples, a.seed, max(1, a.workers), a.time_budget, a.out, a.save_every)
+    s = campaign(a.examples, a.seed, max(1, a.workers), a.time_budget, a.out, a.save_every, a.pow2)
     print(f"\n{s['examples_run']} examples in {s['seconds']:.0f} s; failures by kind:")  # noqa: T201
     for k in s["failures"]:
         print(f"  {k['kind']}: {k['count']}{' (known)' if k['known'] else ''}  -> {k['repro']['replay']}")  # noqa: T201

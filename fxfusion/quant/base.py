@@ -507,6 +507,8 @@ def is_quantizer(m: object) -> bool:
         >>> is_quantizer(LSQQuantizer(4, signed=False)), is_quantizer(nn.ReLU())
         (True, False)
     """
+    if isinstance(m, Quantizer):  # the common case, without the Protocol's slow attribute walk
+        return True
     return isinstance(m, nn.Module) and isinstance(m, QuantizerProtocol)
 
 

@@ -842,8 +842,11 @@ class Outcome:
 
 
 def run_example(spec: NetSpec, *, method: str = "lsq", w_bits: int = 4, a_bits: int = 4,
-                tmpdir: str | os.PathLike | None = None, stages: Sequence[str] = STAGES) -> Outcome:
+                tmpdir: str | os.PathLike | None = None, stages: Sequence[str] = STAGES,
+                pow2: bool = False) -> Outcome:
     """Run the pipeline on ``spec`` and check every property; failures are collected, not raised.
+
+    ``pow2`` quantizes with power-of-two scales (``quantize(..., pow2=True)``) in the QAT stage.
 
     ``"qat"`` needs ``tmpdir`` (for the ONNX file). A failed site count stops the example: the other
     properties compare with the planted count.
@@ -862,7 +865,7 @@ def run_example(spec: NetSpec, *, method: str = "lsq", w_bits: int = 4, a_bits: 
         "identity": lambda: check_identity(spec, model, x, report),
         "float_deploy": lambda: check_float_deploy(spec, model, report, inputs(spec, 2, 2),
                                                    stats=DEPLOY_STATS[spec.seed % len(DEPLOY_STATS)]),
-        "qat": lambda: check_qat_pipeline(spec, model, report, method, w_bits, a_bits, tmpdir),
+        "qat": lambda: check_qat_pipeline(spec, model, report, method, w_bits, a_bits, tmpdir, pow2=pow2),
     }
     for name in stages:
         if name not in checks:
@@ -978,7 +981,7 @@ def _largest_affine(model: nn.Module, batches: list[Tensor], stats: str) -> floa
 
 
 def check_qat_pipeline(spec: NetSpec, model: nn.Module, report: fxfusion.FusionReport, method: str,
-                       w_bits: int, a_bits: int, tmpdir: str | os.PathLike | None) -> dict:
+                       w_bits: int, a_bits: int, tmpdir: str | os.PathLike | None, pow2: bool = False) -> dict:
     """rewrite -> quantize -> 2 SGD steps -> deploy -> export_onnx -> verify_onnx passes (at most 0.1%
     of the elements of any output mismatch, at both onnxruntime optimization levels) and finds every
     ONNX quantizer exact on its own input."""
@@ -988,7 +991,7 @@ def check_qat_pipeline(spec: NetSpec, model: nn.Module, report: fxfusion.FusionR
     with _stage("rewrite"), _no_warnings():
         qat = fxfusion.rewrite(model, sites=report, fold="any")
     with _stage("quantize"), _no_warnings():
-        qat = fxfusion.quantize(qat, train[0], method=method, w_bits=w_bits, a_bits=a_bits)
+        qat = fxfusion.quantize(qat, train[0], method=method, w_bits=w_bits, a_bits=a_bits, pow2=pow2)
     with _stage("train"):
         qat.train()
         opt = torch.optim.SGD(qat.parameters(), lr=1e-3, momentum=0.9)
@@ -1024,4 +1027,5 @@ def check_qat_pipeline(spec: NetSpec, model: nn.Module, report: fxfusion.FusionR
                              f"its own input\n{ver}")
     dep = deployed.fxfusion_reports["deploy"]
     return {"verify_exact": ver.exact, "mismatch": ver.max_mismatch_fraction,
-            "deploy_exact": all(s["exact"] for s in dep.sites)}
+            "deploy_exact": all(s["exact"] for s in dep.sites), "bit_exact": ver.max_abs_error == 0.0,
+            "err_over_range": ver.max_relative_error}
