@@ -112,6 +112,8 @@ def _build_parser() -> _Parser:
     demo.add_argument("--quick", action="store_true", help="a small run (about a minute) to check the pipeline")
     demo.add_argument("--out", default="fxfusion-demo", help="output folder (default: ./fxfusion-demo)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data and of every training run")
+    demo.add_argument("--pow2", action="store_true",
+                      help="power-of-two quantizer scales: the ONNX reproduces the model bit for bit")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     demo.set_defaults(run=_run_demo)
     return parser
@@ -252,7 +254,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from e
     # Failures inside the run are not argument errors: they keep their traceback.
     run_demo(method=args.method, bits=args.bits, quick=args.quick, out=args.out, seed=args.seed,
-             progress=args.progress)
+             progress=args.progress, pow2=args.pow2)
     return 0
 
 

@@ -104,6 +104,7 @@ class DemoConfig:
     profile_batches: int = 4
     verify_images: int = 16
     recipe: Recipe = DEFAULT_RECIPE
+    pow2: bool = False  # power-of-two quantizer scales: a bit-exact ONNX (quantize(..., pow2=True))
 
     def __post_init__(self) -> None:
         check_demo_args(self.method, self.bits)
@@ -115,9 +116,10 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.img_size={self.img_size} must be a multiple of 32 (the P5 stride)")
 
     @classmethod
-    def preset(cls, method: str = "lsq", bits: int = 4, quick: bool = False, seed: int = 0) -> DemoConfig:
+    def preset(cls, method: str = "lsq", bits: int = 4, quick: bool = False, seed: int = 0,
+               pow2: bool = False) -> DemoConfig:
         """The settings of ``fxfusion demo`` (about 10 min on 2 cores) or ``--quick`` (about 1 min)."""
-        config = cls(method=method, bits=bits, seed=seed)
+        config = cls(method=method, bits=bits, seed=seed, pow2=pow2)
         if quick:
             config = replace(config, img_size=64, width_multiple=0.0625, n_train=512, n_val=64, fp_steps=300,
                              qat_steps=60, finetune_steps=20, bn_batches=4, calib_batches=2, profile_batches=2,
@@ -131,7 +133,7 @@ class DemoConfig:
 
     @property
     def tag(self) -> str:
-        return f"{self.method} W{self.bits}A{self.bits}"
+        return f"{self.method} W{self.bits}A{self.bits}{', pow2' if self.pow2 else ''}"
 
 
 def check_demo_args(method: str, bits: int, out: str | os.PathLike | None = None) -> None:
@@ -168,6 +170,7 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     *,
+    pow2: bool = False,
     config: DemoConfig | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -180,7 +183,8 @@ def run_demo(
         out: output folder (created).
         seed: seed of the data, the model init and every training run.
         progress: show tqdm bars for the training phases.
-        config: explicit settings (overrides ``method``/``bits``/``quick``/``seed``).
+        pow2: power-of-two quantizer scales (see :func:`fxfusion.quantize`).
+        config: explicit settings (overrides ``method``/``bits``/``quick``/``seed``/``pow2``).
         log: receives the one-line phase logs and the summary (default: stdout).
 
     Returns:
@@ -200,7 +204,7 @@ def run_demo(
         >>> report = run_demo(config=config, out=tempfile.mkdtemp())  # doctest: +SKIP
         >>> report["map50"]["QAT + GABFusion + ADA (lsq W4A4)"]  # doctest: +SKIP
     """
-    config = config or DemoConfig.preset(method, bits, quick, seed)
+    config = config or DemoConfig.preset(method, bits, quick, seed, pow2)
     check_demo_args(config.method, config.bits, out)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +236,8 @@ def _run(config: DemoConfig, out: Path, progress: bool, say: Callable[[str], Non
     say(f"      FP32 mAP@0.5 {scores['FP32']['map50']:.3f}  ({timings['fp32']:.0f} s)")
 
     x = data.example(2)
-    qat_kwargs = dict(method=config.method, w_bits=config.bits, a_bits=config.bits, first_last_bits=8)
+    qat_kwargs = dict(method=config.method, w_bits=config.bits, a_bits=config.bits, first_last_bits=8,
+                      pow2=config.pow2)
     train_kwargs = dict(lr=config.qat_lr, progress=progress, seed=config.seed, schedule="linear",
                         final_lr_ratio=0.05, weight_decay=0.0)
 
