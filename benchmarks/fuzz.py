@@ -23,8 +23,9 @@ Usage::
     python benchmarks/fuzz.py --seed 0 --replay 123      # one example, with its plan and full messages
     python benchmarks/fuzz.py --examples 2000 --pow2     # the same networks, power-of-two scales
 
-Writes ``fuzz.json`` and ``fuzz.md`` (``fuzz_pow2.*`` with ``--pow2``) under ``--out`` (default ``benchmarks/results``), also every
-``--save-every`` examples, so an interrupted run keeps what it did. Each worker runs one torch thread.
+Writes ``fuzz.json`` and ``fuzz.md`` (``fuzz_pow2.*`` with ``--pow2``) under ``--out`` (default
+``benchmarks/results``), also every ``--save-every`` examples, so an interrupted run keeps what it
+did. Each worker runs one torch thread.
 """
 
 from __future__ import annotations
@@ -221,7 +222,8 @@ def to_markdown(s: dict) -> str:
     lines = [
         "# Fuzzing campaign (`benchmarks/fuzz.py`)",
         "",
-        f"Seed {m['seed']}{', power-of-two scales (`--pow2`)' if m.get('pow2') else ''}, {s['examples_run']} of {m['examples_requested']} examples run ({m['status']}), "
+        f"Seed {m['seed']}{', power-of-two scales (`--pow2`)' if m.get('pow2') else ''}, "
+        f"{s['examples_run']} of {m['examples_requested']} examples run ({m['status']}), "
         f"{s['seconds']:.0f} s wall with {m['workers']} worker(s) of 1 torch thread "
         f"({s['seconds_per_example']:.2f} s per example); torch {m['torch']}, {m['date']}.",
         "",
