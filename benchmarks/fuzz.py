@@ -211,10 +211,12 @@ def summarize(rows: list[dict], seed: int, requested: int, seconds: float, worke
 def _compact(row: dict) -> dict:
     """One line per example in the JSON: enough to find an outlier and replay it."""
     fd = row["info"].get("float_deploy", {})
+    qat = row["info"].get("qat", {})
     return {"index": row["index"], "sites": row["sites"], "steps": row["steps"], "method": row["method"],
             "bits": f"w{row['w_bits']}a{row['a_bits']}", "failures": [f["kind"] for f in row["failures"]],
             "float_exact": fd.get("exact"), "max_vs_frozen_ln": fd.get("max_vs_frozen_ln"),
-            "output_range": fd.get("output_range"), "seconds": round(row["seconds"]["total"], 3)}
+            "output_range": fd.get("output_range"), "bit_exact": qat.get("bit_exact"),
+            "tags": row["tags"], "seconds": round(row["seconds"]["total"], 3)}
 
 
 def to_markdown(s: dict) -> str:
