@@ -5,7 +5,8 @@ from its yaml:
 
 1. float: Ultralytics' ``YOLO.train`` from scratch;
 2. QAT from that float ``best.pt``, each run through ``fxfusion yolo train`` (Ultralytics'
-   trainer, EMA, validation): plain LSQ W4A4 (``rewrite=False``), GABFusion, GABFusion + ADA;
+   trainer, EMA, validation): plain LSQ W4A4 (``rewrite=False``), GABFusion, GABFusion + ADA, and
+   the first two again with power-of-two scales (``pow2=True``);
 3. ``fxfusion yolo deploy`` of each ``last.pt``, then Ultralytics' own ``val`` on the QDQ ONNX
    (onnxruntime) and ``verify_onnx``.
 
@@ -40,7 +41,9 @@ from fxfusion.demo.data import write_yolo_dataset  # noqa: E402
 from fxfusion.integrations.ultralytics import deploy, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-QAT_RUNS = {"lsq_w4a4": {"rewrite": False}, "gabfusion": {}, "gabfusion_ada": {"ada": True}}
+QAT_RUNS = {"lsq_w4a4": {"rewrite": False}, "gabfusion": {}, "gabfusion_ada": {"ada": True},
+            # power-of-two scales: what they cost in mAP, and whether the ONNX is then bit-exact
+            "lsq_w4a4_pow2": {"rewrite": False, "pow2": True}, "gabfusion_pow2": {"pow2": True}}
 
 
 def _val(weights: Path, data: Path, imgsz: int) -> dict:
@@ -56,6 +59,7 @@ def _deployed(last: Path, data: Path, imgsz: int) -> dict:
             "verify": "passed" if result.verify.passed else "FAILED",
             "verify err/range": f"{result.verify.max_relative_error:.2g}",
             "tie flips only": result.verify.tie_flips_only,
+            "bit exact": result.verify.max_abs_error == 0.0,
             "deploy max dev": result.report.output_deviation["max_vs_undeployed"],
             "sites": len(result.report.sites)}
 
@@ -97,8 +101,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return {"run": "float", "epochs": args.float_epochs, **_val(work / "runs/float/weights/best.pt", data,
                                                                     args.imgsz)}
 
-    records = [_record(records_dir / "float.json", args.force, float_run)]
     float_best = work / "runs/float/weights/best.pt"
+    # the float weights live in a temporary folder: a later session trains them again (seed 0)
+    records = [_record(records_dir / "float.json", args.force or not float_best.exists(), float_run)]
     for name, options in QAT_RUNS.items():
         last = work / "runs" / name / "weights" / "last.pt"
 
