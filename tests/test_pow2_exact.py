@@ -148,3 +148,15 @@ def test_float_scales_differ_in_the_last_bits_which_is_what_pow2_removes(tmp_pat
     x_test = torch.randn(3, 3, 24, 24) * 1.7
     assert max(_differing_outputs(deployed, path, x_test)) > 0.0
     assert fxfusion.verify_onnx(deployed, path, x_test).passed
+
+
+def test_a_quantizer_pickled_before_the_option_existed_loads_with_free_scales():
+    import pickle
+
+    q = make_quantizer("lsq", bits=4, role="act", signed=False)
+    q(torch.rand(32))
+    del q.__dict__["pow2"]  # what an older checkpoint holds
+    old = pickle.loads(pickle.dumps(q))
+    with torch.no_grad():
+        old.step.fill_(0.3)
+    assert old.pow2 is False and float(old.qparams().scale) == pytest.approx(0.3)

@@ -267,6 +267,7 @@ class Quantizer(nn.Module):
 
     signed_act_scheme: str = "symmetric"
     range_names: tuple[str, ...] = DEFAULT_RANGE_NAMES
+    pow2: bool = False  # also the value of a quantizer pickled before the option existed
 
     def __init__(
         self,
