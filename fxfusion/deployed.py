@@ -8,6 +8,10 @@ into neighbouring layers. A site whose affine was folded away is the bare op (``
 ``shift`` None): its owner then gets its original forward back and the module disappears. A
 site that could not be folded keeps its per-channel ``scales``/``shift`` and exports as float
 Mul/Add around the Concat or Add.
+
+:class:`ChannelAffine` is the other deployed form: a BatchNorm that folds into no conv, written
+as the two float ops ``x·a + b`` that onnxruntime's Mul and Add compute with the same roundings
+(deploy uses it for models quantized with power-of-two scales, whose export is otherwise exact).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch import Tensor, nn
 
 from fxfusion.gabfusion import GABFusion, branches, fuse
 
-__all__ = ["DeployedFusion"]
+__all__ = ["ChannelAffine", "DeployedFusion"]
 
 
 class DeployedFusion(nn.Module):
@@ -107,3 +111,57 @@ class DeployedFusion(nn.Module):
         what = "bare" if self.is_bare else ", ".join(
             w for w, on in (("branch scales", self.scaled), ("shift", self.shift is not None)) if on)
         return f"op={self.op}, branches={self.num_branches}, dim={self.dim}, {what}"
+
+
+class ChannelAffine(nn.Module):
+    """``x·scale + shift`` per channel along ``dim``: an eval-mode BatchNorm as two float ops.
+
+    A BatchNorm kernel's rounding is its own: PyTorch's and onnxruntime's differ in the last bit
+    on about a quarter of the elements, and a quantizer after the BatchNorm can turn such a bit
+    into a different code. A multiply then an add, each rounded once, are the same IEEE
+    operations in both runtimes, so a model quantized with power-of-two scales stays bit-exact
+    in onnxruntime through it. It exports as a ``Mul`` and an ``Add`` with constant operands.
+
+    Args:
+        scale, shift: per-channel tensors of the same length.
+        dim: the channel axis.
+
+    Example:
+        >>> bn = nn.BatchNorm2d(2).eval()
+        >>> affine = ChannelAffine.from_batchnorm(bn)
+        >>> x = torch.randn(1, 2, 3, 3)
+        >>> bool(torch.allclose(affine(x), bn(x), atol=1e-6))
+        True
+    """
+
+    def __init__(self, scale: Tensor, shift: Tensor, dim: int = 1) -> None:
+        super().__init__()
+        if scale.shape != shift.shape or scale.dim() != 1:
+            raise ValueError(f"ChannelAffine needs 1-d scale and shift of one length, got {tuple(scale.shape)} "
+                             f"and {tuple(shift.shape)}")
+        self.dim = dim
+        self.register_buffer("scale", scale.detach().clone().float())
+        self.register_buffer("shift", shift.detach().clone().float())
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine:
+        """The eval-mode affine of ``bn`` (its running statistics; raises ValueError without them)."""
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(f"{type(bn).__name__} without running statistics normalizes by the batch in eval "
+                             "mode: it is not a fixed affine")
+        with torch.no_grad():
+            scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight.float()
+            shift = -bn.running_mean.float() * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias.float()
+        return cls(scale, shift)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = [1] * x.dim()
+        shape[self.dim] = -1
+        return x * self.scale.view(shape) + self.shift.view(shape)  # two ops, two roundings: no fused kernel
+
+    def extra_repr(self) -> str:
+        return f"channels={self.scale.numel()}, dim={self.dim}"

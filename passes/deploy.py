@@ -13,6 +13,9 @@ The steps, each in its own file:
    deviation from the un-deployed model is measured on the calibration data.
 
 BatchNorm that follows a conv is folded first (the quantize pass already did it for QAT models).
+In a model quantized with power-of-two scales, every BatchNorm left is then written as the two
+float ops ``x·a + b`` (:class:`~fxfusion.deployed.ChannelAffine`), which onnxruntime rounds as
+PyTorch does, so that the export stays bit-exact.
 """
 
 from __future__ import annotations
@@ -25,14 +28,15 @@ import torch
 from torch import Tensor, nn
 
 from fxfusion.ada import detach_ada
-from fxfusion.deployed import DeployedFusion
+from fxfusion.deployed import ChannelAffine, DeployedFusion
 from fxfusion.passes.calibrate import calibration_batches
 from fxfusion.passes.fold_apply import apply, recalibrate
 from fxfusion.passes.fold_plan import analyse, feeds_layernorm, plan
 from fxfusion.passes.freeze import freeze
 from fxfusion.passes.quantize import fold_batchnorms
 from fxfusion.passes.rewrite import gabfusion_modules, restore_forward
-from fxfusion.passes.runtime import eval_mode, network, tensors
+from fxfusion.passes.runtime import eval_mode, network, set_submodule, tensors
+from fxfusion.quant import is_quantizer
 from fxfusion.report import format_table
 
 __all__ = ["DeployReport", "deploy"]
@@ -46,6 +50,7 @@ class DeployReport:
     output_deviation: dict = field(default_factory=dict)
     bn_folded: list[str] = field(default_factory=list)
     recalibrated: list[str] = field(default_factory=list)
+    bn_as_affine: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         parts = [format_table(self.sites, title=f"Deployed {len(self.sites)} GABFusion site(s)")]
@@ -53,11 +58,14 @@ class DeployReport:
             parts.append(format_table([self.output_deviation], title="Model output vs the un-deployed model"))
         if self.recalibrated:
             parts.append(f"Re-calibrated quantizers ({len(self.recalibrated)}): " + ", ".join(self.recalibrated))
+        if self.bn_as_affine:
+            parts.append(f"BatchNorms written as x*a + b for a bit-exact export ({len(self.bn_as_affine)}): "
+                         + ", ".join(self.bn_as_affine))
         return "\n\n".join(parts)
 
     def to_dict(self) -> dict:
         return {"sites": self.sites, "output_deviation": self.output_deviation, "bn_folded": self.bn_folded,
-                "recalibrated": self.recalibrated}
+                "recalibrated": self.recalibrated, "bn_as_affine": self.bn_as_affine}
 
 
 def deploy(
@@ -121,6 +129,7 @@ def deploy(
         _restore_owners(model, owners)
         recalibrate(model, to_recalibrate, batches)
         report.recalibrated = sorted(to_recalibrate)
+        report.bn_as_affine = _batchnorms_as_affines(model)
 
         deployed = _outputs(model, batches)
     if any(not torch.isfinite(t).all() for ts in deployed for t in ts) and all(
@@ -133,6 +142,19 @@ def deploy(
         "batches": len(batches)}
     model.__dict__.setdefault("fxfusion_reports", {})["deploy"] = report
     return model
+
+
+def _batchnorms_as_affines(model: nn.Module) -> list[str]:
+    """With power-of-two scales everywhere, each BatchNorm left becomes a ChannelAffine; returns
+    their paths. (With free scales the conv sums differ anyway, and the BatchNorm node stays.)"""
+    quantizers = [m for m in model.modules() if is_quantizer(m)]
+    if not quantizers or not all(getattr(q, "pow2", False) for q in quantizers):
+        return []
+    paths = [p for p, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    for path in paths:
+        set_submodule(model, path, ChannelAffine.from_batchnorm(model.get_submodule(path)))
+    return paths
 
 
 def _restore_owners(model: nn.Module, owners: set[str]) -> None:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
 
 import fxfusion
+from fxfusion.deployed import ChannelAffine
 from fxfusion.gabfusion import set_gate
 from fxfusion.quant import QUANTIZERS, make_quantizer
 
@@ -160,3 +162,50 @@ def test_a_quantizer_pickled_before_the_option_existed_loads_with_free_scales():
     with torch.no_grad():
         old.step.fill_(0.3)
     assert old.pow2 is False and float(old.qparams().scale) == pytest.approx(0.3)
+
+
+class _PreActivation(nn.Module):
+    """DenseNet's pattern: a concat read by BatchNorm → ReLU → conv, so the BatchNorm folds into no conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.norm = nn.BatchNorm2d(12)
+        self.conv = nn.Conv2d(12, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.relu(self.stem(x))
+        h = torch.relu(self.norm(torch.cat([self.a(x), self.b(x)], 1)))
+        return self.conv(h), h  # h: the BatchNorm's float output itself, where its rounding shows
+
+
+@pytest.mark.parametrize("pow2", [True, False])
+def test_a_batchnorm_that_folds_into_no_conv_is_deployed_as_two_float_ops_only_with_pow2(tmp_path, pow2):
+    """onnxruntime's BatchNormalization rounds differently from PyTorch's; x·a + b rounds the same."""
+    torch.manual_seed(0)
+    model = _PreActivation().eval()
+    with torch.no_grad():
+        model.norm.running_mean.normal_()
+        model.norm.running_var.uniform_(0.5, 2.0)
+        model.norm.weight.normal_()
+        model.norm.bias.normal_()
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = fxfusion.quantize(model, x, method="lsq", w_bits=4, a_bits=4, pow2=pow2)
+    qat(x)
+    deployed = fxfusion.deploy(qat, [torch.randn(4, 3, 16, 16)], progress=False)
+    report = deployed.fxfusion_reports["deploy"]
+    path = tmp_path / "m.onnx"
+    fxfusion.export_onnx(deployed, x, path)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    if pow2:
+        assert report.bn_as_affine == ["norm"] and isinstance(deployed.norm, ChannelAffine)
+        assert "BatchNormalization" not in ops and {"Mul", "Add"} <= ops
+        assert report.output_deviation["max_vs_undeployed"] <= 1e-5  # the same affine, rounded once more
+        assert _differing_outputs(deployed, path, torch.randn(4, 3, 16, 16) * 2) == [0.0] * 4
+    else:
+        assert report.bn_as_affine == [] and isinstance(deployed.norm, nn.BatchNorm2d)
+        assert "BatchNormalization" in ops
+
