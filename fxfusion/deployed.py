@@ -114,38 +114,42 @@ class DeployedFusion(nn.Module):
 
 
 class ChannelAffine(nn.Module):
-    """``x·scale + shift`` per channel along ``dim``: an eval-mode BatchNorm as two float ops.
+    """``x·scale + shift`` per channel (axis 1): an eval-mode BatchNorm as two float ops.
 
     A BatchNorm kernel's rounding is its own: PyTorch's and onnxruntime's differ in the last bit
     on about a quarter of the elements, and a quantizer after the BatchNorm can turn such a bit
     into a different code. A multiply then an add, each rounded once, are the same IEEE
     operations in both runtimes, so a model quantized with power-of-two scales stays bit-exact
-    in onnxruntime through it. It exports as a ``Mul`` and an ``Add`` with constant operands.
+    in onnxruntime through it. It exports as one ``Mul`` and one ``Add`` whose constants are
+    stored already broadcastable (``(C, 1, ..., 1)`` for an input of rank ``ndim``), so no
+    reshape appears in the graph.
 
     Args:
         scale, shift: per-channel tensors of the same length.
-        dim: the channel axis.
+        ndim: the rank of the input (4 for images).
 
     Example:
         >>> bn = nn.BatchNorm2d(2).eval()
-        >>> affine = ChannelAffine.from_batchnorm(bn)
+        >>> affine = ChannelAffine.from_batchnorm(bn, ndim=4)
         >>> x = torch.randn(1, 2, 3, 3)
         >>> bool(torch.allclose(affine(x), bn(x), atol=1e-6))
         True
     """
 
-    def __init__(self, scale: Tensor, shift: Tensor, dim: int = 1) -> None:
+    def __init__(self, scale: Tensor, shift: Tensor, ndim: int) -> None:
         super().__init__()
         if scale.shape != shift.shape or scale.dim() != 1:
             raise ValueError(f"ChannelAffine needs 1-d scale and shift of one length, got {tuple(scale.shape)} "
                              f"and {tuple(shift.shape)}")
-        self.dim = dim
-        self.register_buffer("scale", scale.detach().clone().float())
-        self.register_buffer("shift", shift.detach().clone().float())
+        if ndim < 2:
+            raise ValueError(f"ChannelAffine scales axis 1 of its input: ndim={ndim} has no such axis")
+        shape = (-1,) + (1,) * (ndim - 2)
+        self.register_buffer("scale", scale.detach().float().reshape(shape).clone())
+        self.register_buffer("shift", shift.detach().float().reshape(shape).clone())
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine:
-        """The eval-mode affine of ``bn`` (its running statistics; raises ValueError without them)."""
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, ndim: int) -> ChannelAffine:
+        """The eval-mode affine of ``bn`` for inputs of rank ``ndim`` (ValueError without running statistics)."""
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError(f"{type(bn).__name__} without running statistics normalizes by the batch in eval "
                              "mode: it is not a fixed affine")
@@ -156,12 +160,10 @@ class ChannelAffine(nn.Module):
             shift = -bn.running_mean.float() * scale
             if bn.bias is not None:
                 shift = shift + bn.bias.float()
-        return cls(scale, shift)
+        return cls(scale, shift, ndim)
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = [1] * x.dim()
-        shape[self.dim] = -1
-        return x * self.scale.view(shape) + self.shift.view(shape)  # two ops, two roundings: no fused kernel
+        return x * self.scale + self.shift  # two ops, two roundings: no fused kernel
 
     def extra_repr(self) -> str:
-        return f"channels={self.scale.numel()}, dim={self.dim}"
+        return f"channels={self.scale.shape[0]}, ndim={self.scale.dim() + 1}"

@@ -129,7 +129,7 @@ def deploy(
         _restore_owners(model, owners)
         recalibrate(model, to_recalibrate, batches)
         report.recalibrated = sorted(to_recalibrate)
-        report.bn_as_affine = _batchnorms_as_affines(model)
+        report.bn_as_affine = _batchnorms_as_affines(model, batches[0])
 
         deployed = _outputs(model, batches)
     if any(not torch.isfinite(t).all() for ts in deployed for t in ts) and all(
@@ -144,17 +144,32 @@ def deploy(
     return model
 
 
-def _batchnorms_as_affines(model: nn.Module) -> list[str]:
-    """With power-of-two scales everywhere, each BatchNorm left becomes a ChannelAffine; returns
-    their paths. (With free scales the conv sums differ anyway, and the BatchNorm node stays.)"""
+def _batchnorms_as_affines(model: nn.Module, batch: tuple) -> list[str]:
+    """With power-of-two scales everywhere, each BatchNorm left that the forward on ``batch`` calls
+    becomes a ChannelAffine for its input's rank; returns their paths. (With free scales the conv
+    sums differ anyway, and the BatchNorm node stays.)"""
     quantizers = [m for m in model.modules() if is_quantizer(m)]
     if not quantizers or not all(getattr(q, "pow2", False) for q in quantizers):
         return []
-    paths = [p for p, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
-    for path in paths:
-        set_submodule(model, path, ChannelAffine.from_batchnorm(model.get_submodule(path)))
-    return paths
+    norms = {p: m for p, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None}
+    ranks: dict[str, int] = {}
+
+    def record(path: str):
+        def hook(_module: nn.Module, args: tuple) -> None:  # returns None: the input is left as it is
+            ranks.setdefault(path, args[0].dim())
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(p)) for p, m in norms.items()]
+    try:
+        with torch.no_grad():
+            model(*batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    for path, rank in ranks.items():
+        set_submodule(model, path, ChannelAffine.from_batchnorm(norms[path], rank))
+    return sorted(ranks)
 
 
 def _restore_owners(model: nn.Module, owners: set[str]) -> None:

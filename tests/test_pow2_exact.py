@@ -203,9 +203,26 @@ def test_a_batchnorm_that_folds_into_no_conv_is_deployed_as_two_float_ops_only_w
     if pow2:
         assert report.bn_as_affine == ["norm"] and isinstance(deployed.norm, ChannelAffine)
         assert "BatchNormalization" not in ops and {"Mul", "Add"} <= ops
+        assert not {"Reshape", "Constant"} & ops, "the affine's constants are stored broadcastable"
         assert report.output_deviation["max_vs_undeployed"] <= 1e-5  # the same affine, rounded once more
         assert _differing_outputs(deployed, path, torch.randn(4, 3, 16, 16) * 2) == [0.0] * 4
     else:
         assert report.bn_as_affine == [] and isinstance(deployed.norm, nn.BatchNorm2d)
         assert "BatchNormalization" in ops
 
+
+
+@pytest.mark.parametrize("bn, shape", [(nn.BatchNorm1d(5), (3, 5)), (nn.BatchNorm1d(5), (3, 5, 7)),
+                                       (nn.BatchNorm2d(5), (3, 5, 4, 4)), (nn.BatchNorm3d(5), (2, 5, 3, 3, 3))])
+def test_channel_affine_computes_the_batchnorm_for_each_input_rank(bn, shape):
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    bn.eval()
+    x = torch.randn(shape)
+    affine = ChannelAffine.from_batchnorm(bn, x.dim())
+    torch.testing.assert_close(affine(x), bn(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="without running statistics"):
+        ChannelAffine.from_batchnorm(nn.BatchNorm2d(5, track_running_stats=False), 4)
