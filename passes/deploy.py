@@ -153,6 +153,8 @@ def _batchnorms_as_affines(model: nn.Module, batch: tuple) -> list[str]:
         return []
     norms = {p: m for p, m in model.named_modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None}
+    if not norms:  # every BatchNorm folded into a conv (all YOLO models): no forward needed
+        return []
     ranks: dict[str, int] = {}
 
     def record(path: str):
