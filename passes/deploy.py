@@ -21,6 +21,7 @@ PyTorch does, so that the export stays bit-exact.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -33,7 +34,7 @@ from fxfusion.passes.calibrate import calibration_batches
 from fxfusion.passes.fold_apply import apply, recalibrate
 from fxfusion.passes.fold_plan import analyse, feeds_layernorm, plan
 from fxfusion.passes.freeze import freeze
-from fxfusion.passes.quantize import fold_batchnorms
+from fxfusion.passes.quantize import _BNS, fold_batchnorms
 from fxfusion.passes.rewrite import gabfusion_modules, restore_forward
 from fxfusion.passes.runtime import eval_mode, network, set_submodule, tensors
 from fxfusion.quant import is_quantizer
@@ -151,8 +152,7 @@ def _batchnorms_as_affines(model: nn.Module, batch: tuple) -> list[str]:
     quantizers = [m for m in model.modules() if is_quantizer(m)]
     if not quantizers or not all(getattr(q, "pow2", False) for q in quantizers):
         return []
-    norms = {p: m for p, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None}
+    norms = {p: m for p, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     if not norms:  # every BatchNorm folded into a conv (all YOLO models): no forward needed
         return []
     ranks: dict[str, int] = {}
@@ -162,15 +162,26 @@ def _batchnorms_as_affines(model: nn.Module, batch: tuple) -> list[str]:
             ranks.setdefault(path, args[0].dim())
         return hook
 
-    hooks = [m.register_forward_pre_hook(record(p)) for p, m in norms.items()]
+    # exactly the BatchNorm classes quantize folds: a subclass's forward may do more (timm's
+    # BatchNormAct2d applies its activation too), and the affine would silently drop it
+    hooks = [m.register_forward_pre_hook(record(p)) for p, m in norms.items()
+             if type(m) in _BNS and m.running_mean is not None]
     try:
-        with torch.no_grad():
-            model(*batch)
+        if hooks:
+            with torch.no_grad():
+                model(*batch)
     finally:
         for h in hooks:
             h.remove()
     for path, rank in ranks.items():
         set_submodule(model, path, ChannelAffine.from_batchnorm(norms[path], rank))
+    kept = sorted(set(norms) - set(ranks))
+    if kept:
+        warnings.warn(f"deploy: {len(kept)} BatchNorm(s) stay BatchNorm ({', '.join(kept[:5])}"
+                      f"{', ...' if len(kept) > 5 else ''}): a subclass (its forward may do more than the "
+                      "affine), without running statistics, or not called by the calibration forward. "
+                      "onnxruntime may round them differently from PyTorch, so the export "
+                      "is not guaranteed bit-exact there", stacklevel=3)
     return sorted(ranks)
 
 

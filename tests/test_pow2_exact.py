@@ -226,3 +226,30 @@ def test_channel_affine_computes_the_batchnorm_for_each_input_rank(bn, shape):
     torch.testing.assert_close(affine(x), bn(x), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="without running statistics"):
         ChannelAffine.from_batchnorm(nn.BatchNorm2d(5, track_running_stats=False), 4)
+
+
+class _NormAct(nn.BatchNorm2d):
+    """A BatchNorm subclass whose forward does more (timm's BatchNormAct2d: the norm, then ReLU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+def test_a_batchnorm_subclass_is_kept_and_named_in_a_warning_not_replaced_by_its_affine():
+    """Replacing it by x·a + b would silently drop its activation (found on timm's DPN-68)."""
+    torch.manual_seed(0)
+    model = _PreActivation().eval()
+    model.norm = _NormAct(12).eval()
+    with torch.no_grad():
+        model.norm.running_mean.normal_()
+        model.norm.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = fxfusion.quantize(model, x, method="lsq", w_bits=4, a_bits=4, pow2=True)
+    qat(x)
+    with pytest.warns(UserWarning, match=r"1 BatchNorm\(s\) stay BatchNorm \(norm\): a subclass"):
+        deployed = fxfusion.deploy(qat, [torch.randn(4, 3, 16, 16)], progress=False)
+    assert type(deployed.norm) is _NormAct
+    report = deployed.fxfusion_reports["deploy"]
+    assert report.bn_as_affine == [] and report.output_deviation["max_vs_undeployed"] == 0.0
