@@ -12,6 +12,9 @@ Mul/Add around the Concat or Add.
 :class:`ChannelAffine` is the other deployed form: a BatchNorm that folds into no conv, written
 as the two float ops ``x·a + b`` that onnxruntime's Mul and Add compute with the same roundings
 (deploy uses it for models quantized with power-of-two scales, whose export is otherwise exact).
+For the same models, :class:`OrtHardsigmoid` and :class:`OrtHardswish` replace ``nn.Hardsigmoid``
+and ``nn.Hardswish``: they compute onnxruntime's formula in PyTorch (measured bit-exact) and still
+export as one node each.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import Tensor, nn
 
 from fxfusion.gabfusion import GABFusion, branches, fuse
 
-__all__ = ["ChannelAffine", "DeployedFusion"]
+__all__ = ["ChannelAffine", "DeployedFusion", "OrtHardsigmoid", "OrtHardswish"]
 
 
 class DeployedFusion(nn.Module):
@@ -167,3 +170,52 @@ class ChannelAffine(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.scale.shape[0]}, ndim={self.scale.dim() + 1}"
+
+
+_SIXTH = 1.0 / 6.0  # onnxruntime's HardSigmoid alpha for PyTorch's hardsigmoid (beta 0.5)
+
+
+class _HardOnnx(torch.autograd.Function):
+    """The formula in PyTorch; one ``HardSigmoid`` or ``HardSwish`` node in the traced ONNX graph."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor, swish: bool) -> Tensor:
+        return _hard(x, swish)
+
+    @staticmethod
+    def symbolic(g: object, x: object, swish: bool) -> object:
+        return g.op("HardSwish", x) if swish else g.op("HardSigmoid", x, alpha_f=_SIXTH, beta_f=0.5)
+
+
+def _hard(x: Tensor, swish: bool) -> Tensor:
+    # onnxruntime computes max(0, min(1, alpha*x + beta)) with alpha rounded to float32, one
+    # rounding per op; PyTorch's kernel computes min(max(x + 3, 0), 6) / 6, which differs in the
+    # last bit on about a quarter of the elements (DESIGN.md, "Facts checked")
+    s = torch.clamp(x * _SIXTH + 0.5, 0.0, 1.0)  # the scalar is rounded to x's float32 first
+    return x * s if swish else s
+
+
+class OrtHardsigmoid(nn.Module):
+    """``clamp(x/6 + 1/2, 0, 1)`` rounded as onnxruntime's ``HardSigmoid`` rounds it.
+
+    ``nn.Hardsigmoid`` and onnxruntime agree to an ulp only; a quantizer downstream (a
+    squeeze-and-excitation scale feeds a quantized conv) can turn that ulp into a different code.
+    This module makes the deployed PyTorch model compute onnxruntime's bits, so a model quantized
+    with power-of-two scales stays bit-exact through it. It exports as one ``HardSigmoid`` node.
+
+    Example:
+        >>> x = torch.linspace(-4, 4, 9)
+        >>> bool(torch.allclose(OrtHardsigmoid()(x), nn.Hardsigmoid()(x), atol=1e-7))
+        True
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _HardOnnx.apply(x, False) if torch.onnx.is_in_onnx_export() else _hard(x, False)
+
+
+class OrtHardswish(nn.Module):
+    """``x·clamp(x/6 + 1/2, 0, 1)`` rounded as onnxruntime's ``HardSwish`` rounds it (see
+    :class:`OrtHardsigmoid`); exports as one ``HardSwish`` node."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _HardOnnx.apply(x, True) if torch.onnx.is_in_onnx_export() else _hard(x, True)

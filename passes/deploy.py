@@ -15,7 +15,9 @@ The steps, each in its own file:
 BatchNorm that follows a conv is folded first (the quantize pass already did it for QAT models).
 In a model quantized with power-of-two scales, every BatchNorm left is then written as the two
 float ops ``x·a + b`` (:class:`~fxfusion.deployed.ChannelAffine`), which onnxruntime rounds as
-PyTorch does, so that the export stays bit-exact.
+PyTorch does, so that the export stays bit-exact. For the same reason its ``nn.Hardsigmoid`` and
+``nn.Hardswish`` become :class:`~fxfusion.deployed.OrtHardsigmoid` /
+:class:`~fxfusion.deployed.OrtHardswish`, which compute onnxruntime's formula.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from fxfusion.ada import detach_ada
-from fxfusion.deployed import ChannelAffine, DeployedFusion
+from fxfusion.deployed import ChannelAffine, DeployedFusion, OrtHardsigmoid, OrtHardswish
 from fxfusion.passes.calibrate import calibration_batches
 from fxfusion.passes.fold_apply import apply, recalibrate
 from fxfusion.passes.fold_plan import analyse, feeds_layernorm, plan
@@ -52,6 +54,7 @@ class DeployReport:
     bn_folded: list[str] = field(default_factory=list)
     recalibrated: list[str] = field(default_factory=list)
     bn_as_affine: list[str] = field(default_factory=list)
+    ort_activations: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         parts = [format_table(self.sites, title=f"Deployed {len(self.sites)} GABFusion site(s)")]
@@ -62,11 +65,15 @@ class DeployReport:
         if self.bn_as_affine:
             parts.append(f"BatchNorms written as x*a + b for a bit-exact export ({len(self.bn_as_affine)}): "
                          + ", ".join(self.bn_as_affine))
+        if self.ort_activations:
+            parts.append("Hard-sigmoid/-swish computed with onnxruntime's rounding for a bit-exact export "
+                         f"({len(self.ort_activations)}): " + ", ".join(self.ort_activations))
         return "\n\n".join(parts)
 
     def to_dict(self) -> dict:
         return {"sites": self.sites, "output_deviation": self.output_deviation, "bn_folded": self.bn_folded,
-                "recalibrated": self.recalibrated, "bn_as_affine": self.bn_as_affine}
+                "recalibrated": self.recalibrated, "bn_as_affine": self.bn_as_affine,
+                "ort_activations": self.ort_activations}
 
 
 def deploy(
@@ -130,7 +137,9 @@ def deploy(
         _restore_owners(model, owners)
         recalibrate(model, to_recalibrate, batches)
         report.recalibrated = sorted(to_recalibrate)
-        report.bn_as_affine = _batchnorms_as_affines(model, batches[0])
+        if _all_pow2(model):
+            report.bn_as_affine = _batchnorms_as_affines(model, batches[0])
+            report.ort_activations = _hard_activations_as_ort(model)
 
         deployed = _outputs(model, batches)
     if any(not torch.isfinite(t).all() for ts in deployed for t in ts) and all(
@@ -145,13 +154,28 @@ def deploy(
     return model
 
 
+def _all_pow2(model: nn.Module) -> bool:
+    """Quantized with power-of-two scales everywhere: the only models whose export can be bit-exact."""
+    quantizers = [m for m in model.modules() if is_quantizer(m)]
+    return bool(quantizers) and all(getattr(q, "pow2", False) for q in quantizers)
+
+
+_ORT_ACTIVATIONS = {nn.Hardsigmoid: OrtHardsigmoid, nn.Hardswish: OrtHardswish}
+
+
+def _hard_activations_as_ort(model: nn.Module) -> list[str]:
+    """Each ``nn.Hardsigmoid``/``nn.Hardswish`` (exact class) becomes its onnxruntime-rounded twin;
+    returns their paths. A functional call (``F.hardswish``) is left as it is."""
+    paths = [p for p, m in model.named_modules(remove_duplicate=False) if type(m) in _ORT_ACTIVATIONS]
+    for path in paths:
+        set_submodule(model, path, _ORT_ACTIVATIONS[type(model.get_submodule(path))]())
+    return paths
+
+
 def _batchnorms_as_affines(model: nn.Module, batch: tuple) -> list[str]:
     """With power-of-two scales everywhere, each BatchNorm left that the forward on ``batch`` calls
     becomes a ChannelAffine for its input's rank; returns their paths. (With free scales the conv
     sums differ anyway, and the BatchNorm node stays.)"""
-    quantizers = [m for m in model.modules() if is_quantizer(m)]
-    if not quantizers or not all(getattr(q, "pow2", False) for q in quantizers):
-        return []
     norms = {p: m for p, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     if not norms:  # every BatchNorm folded into a conv (all YOLO models): no forward needed
         return []
