@@ -13,7 +13,11 @@ flow order, each step on what the previous one returned), median over the rounds
 - ``quantize``: ``fxfusion.quantize(rewritten, x)`` (LSQ W4A4).
 - ``deploy``: ``fxfusion.deploy(quantized, 2 calibration batches, progress=False)`` after one
   untimed training-mode forward that initialises the quantizers.
-- ``export_onnx``: ``fxfusion.export_onnx(deployed, x, <temp file>)``.
+- ``export_onnx``: ``fxfusion.export_onnx(deployed, x, <temp file>)``; ``torch.onnx``: the
+  TorchScript exporter that it calls, alone, on the float model (same topology).
+- ``deepcopy``, ``forward``: ``copy.deepcopy(model)`` and one no-grad eval forward, the least that
+  ``rewrite(model, x)`` must do (it returns a copy and calibrates its sites on the example input);
+  with the trace they make the ``floor`` that the 2x target is judged against.
 - ``prepare_qat_fx``: ``torch.ao.quantization.quantize_fx.prepare_qat_fx`` on (an untimed deep
   copy of) the float model with ``get_default_qat_qconfig_mapping("x86")``, the peer pass.
 
@@ -45,6 +49,7 @@ import json
 import os
 import pstats
 import re
+import statistics
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -77,8 +82,8 @@ try:  # torch.ao.quantization is deprecated upstream (torchao); the peer column 
 except ImportError:  # pragma: no cover - depends on the torch build
     get_default_qat_qconfig_mapping = prepare_qat_fx = None
 
-STEPS = ("symbolic_trace", "trace_units", "find", "rewrite", "rewrite(sites)", "quantize", "deploy",
-         "export_onnx", "prepare_qat_fx")
+STEPS = ("symbolic_trace", "trace_units", "deepcopy", "forward", "find", "rewrite", "rewrite(sites)", "quantize",
+         "deploy", "torch.onnx", "export_onnx", "prepare_qat_fx")
 PLOTTED = ("symbolic_trace", "find", "rewrite", "quantize", "prepare_qat_fx")
 SIZES = (100, 1_000, 5_000, 10_000)
 QUICK_ZOO = ("resnet", "yolov5")  # one model that traces whole, one that does not
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         timings = {m: {k: Timing(**{f: t[f] for f in ("seconds", "cpu_seconds", "error", "skipped")})
                        for k, t in steps.items()} for m, steps in payload["timings"].items()}
         meta = {**payload["meta"], "rendered_from": str(args.from_json)}
-        _report(payload["rows"], timings, payload.get("hotspots"), meta, Path(args.out))
+        _report(payload["rows"], timings, payload.get("hotspots"), meta, Path(args.out), payload.get("exporters"))
         return
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -158,33 +163,44 @@ def main(argv: list[str] | None = None) -> None:
             warnings.simplefilter("ignore")
             hotspots = _profile_rewrite(_generated_bench(profile_nodes))
 
+    exporters = None
+    if not args.quick:
+        target = max((t for t in sizes if t <= 5_000), default=sizes[0])
+        gc.collect()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exporters = _exporters(_generated_bench(target))
+
     meta = {**environment(), "load_average_1min": {"start": load_before, "end": _load_average()},
             "quick": args.quick, "warm_up": "1 round for models under 1,000 nodes (not --quick)",
             "max_pass_seconds": args.max_pass_seconds, "quantize": "lsq W4A4",
             "prepare_qat_fx": "get_default_qat_qconfig_mapping('x86')" if prepare_qat_fx else "unavailable"}
-    _report(rows, timings, hotspots, meta, Path(args.out))
+    _report(rows, timings, hotspots, meta, Path(args.out), exporters)
 
 
 def _report(rows: list[dict], timings: dict[str, dict[str, Timing]], hotspots: dict | None, meta: dict,
-            out: Path) -> None:
+            out: Path, exporters: dict | None = None) -> None:
     """Print the tables and verdict; write passes.json, passes.md and passes_scaling.png under ``out``."""
     slopes = _slopes(rows, timings)
     verdict = _verdict(rows, slopes)
     payload = {"meta": meta, "rows": rows, "timings": timings, "slopes": slopes, "target": verdict,
-               "hotspots": hotspots}
+               "hotspots": hotspots, "exporters": exporters}
 
     print_table([_display(r) for r in rows], title="Seconds per pass (median); ratios use the trace reference")
     print_table(_slope_rows(slopes), title="Scaling on the generated models: slope of log(time) vs log(nodes)")
     for line in verdict["lines"]:
         print(line)  # noqa: T201 - a benchmark prints its findings
     print()  # noqa: T201
+    if exporters:
+        print_table(exporters["rows"], title=f"Ways out of PyTorch on {exporters['model']} (float, one run each)")
     if hotspots:
         print_table(hotspots["cumulative"], title=f"cProfile of rewrite, {hotspots['nodes']} nodes: "
                     f"top by cumulative time ({hotspots['total_s']:.2f} s under the profiler)")
         print_table(hotspots["own"], title="top by own time")
         print_table(hotspots["fxfusion"], title="fxfusion functions by cumulative time")
 
-    written = write_results(out, "passes", payload, _markdown(rows, timings, slopes, verdict, hotspots, meta))
+    written = write_results(out, "passes", payload, _markdown(rows, timings, slopes, verdict, hotspots, meta,
+                                                           exporters))
     png = out / "passes_scaling.png"
     note = _plot([r for r in rows if r["kind"] == "generated"], png)
     if note:
@@ -307,7 +323,8 @@ def _round(sw: Stopwatch, bench: _Bench, qconfig, skips: dict[str, str], repeat_
     ``repeat_under`` seconds (prepare_qat_fx on the large models): one sample is its time.
     """
     model, x = bench.model, bench.inputs
-    leaves = ("symbolic_trace", "trace_units", "rewrite(sites)", "export_onnx", "prepare_qat_fx")
+    leaves = ("symbolic_trace", "trace_units", "deepcopy", "forward", "rewrite(sites)", "torch.onnx", "export_onnx",
+              "prepare_qat_fx")
 
     def step(name: str, needs: object, needs_name: str, fn: Callable, *a, **k):
         if name in leaves and sw.spent(name) > repeat_under:
@@ -322,6 +339,10 @@ def _round(sw: Stopwatch, bench: _Bench, qconfig, skips: dict[str, str], repeat_
 
     step("symbolic_trace", model, "", fx.symbolic_trace, model)
     step("trace_units", model, "", trace_units, model)
+    # the floor of rewrite(model, x) as its contract stands: it returns a copy, and its sites are
+    # calibrated on the example inputs, which takes at least one forward
+    step("deepcopy", model, "", copy.deepcopy, model)
+    step("forward", model, "", _forward, model, x)
     found = step("find", model, "", fxfusion.find_fusions, model, x)
     # Before rewrite, whose result stays alive for quantize: every rewritten owner is a new
     # nn.Module subclass, and each live subclass makes later fx traces in the process slower.
@@ -336,6 +357,8 @@ def _round(sw: Stopwatch, bench: _Bench, qconfig, skips: dict[str, str], repeat_
         sw.skip("export_onnx", "fxfusion.export_onnx is not available")
     else:
         with tempfile.TemporaryDirectory() as tmp:
+            # the exporter export_onnx calls, on the float model (the deployed one has its topology)
+            step("torch.onnx", model, "", _torch_onnx, model, x, os.path.join(tmp, "float.onnx"))
             step("export_onnx", deployed, "deploy", fxfusion.export_onnx, deployed, x, os.path.join(tmp, "m.onnx"))
     if prepare_qat_fx is None:
         sw.skip("prepare_qat_fx", "torch.ao.quantization is not available in this torch")
@@ -344,6 +367,36 @@ def _round(sw: Stopwatch, bench: _Bench, qconfig, skips: dict[str, str], repeat_
     elif sw.spent("prepare_qat_fx") <= repeat_under:
         float_copy = copy.deepcopy(model).train()  # untimed: prepare_qat_fx swaps modules of its input
         sw.time("prepare_qat_fx", prepare_qat_fx, float_copy, qconfig, x)
+
+
+def _forward(model: nn.Module, x: tuple) -> None:
+    with torch.no_grad():
+        model.eval()(*x)
+
+
+def _torch_onnx(model: nn.Module, x: tuple, path: str) -> None:
+    # as export_trace calls it: the TorchScript exporter, no constant folding, opset 20
+    torch.onnx.export(model.eval(), x, path, dynamo=False, do_constant_folding=False, opset_version=20)
+
+
+def _exporters(bench: _Bench) -> dict:
+    """Seconds of each way torch offers to leave PyTorch, once each on the float ``bench`` model: is any
+    fast enough for export <= 10x symbolic_trace? (torch.export and the dynamo ONNX exporter need onnxscript.)"""
+    model, x = bench.model.eval(), bench.inputs
+    sw = Stopwatch()
+    sw.time("symbolic_trace", fx.symbolic_trace, model)
+    with tempfile.TemporaryDirectory() as tmp:
+        sw.time("torch.onnx (TorchScript)", _torch_onnx, model, x, os.path.join(tmp, "a.onnx"))
+        sw.time("torch.export.export", torch.export.export, model, x)
+        if importlib.util.find_spec("onnxscript") is None:
+            sw.skip("torch.onnx (dynamo)", "onnxscript is not installed")
+        else:
+            sw.time("torch.onnx (dynamo)", torch.onnx.export, model, x, os.path.join(tmp, "b.onnx"), dynamo=True,
+                    optimize=False, verify=False)
+    trace = sw.timings["symbolic_trace"].median
+    rows = [{"way": k, "seconds": t.median if t.median is not None else t.status,
+             "x symbolic_trace": _ratio(t.median, trace)} for k, t in sw.timings.items()]
+    return {"model": bench.name, "nodes": bench.nodes, "rows": rows}
 
 
 def _skips_for_larger(bench: _Bench, timings: dict[str, Timing], cap: float, growth: float,
@@ -383,6 +436,12 @@ def _row(bench: _Bench, timings: dict[str, Timing]) -> dict:
     row["rewrite/prepare_qat_fx"] = _ratio(med["rewrite"], med["prepare_qat_fx"])
     find_rewrite = med["find"] + med["rewrite(sites)"] if None not in (med["find"], med["rewrite(sites)"]) else None
     row["(find+rewrite(sites))/trace"] = _ratio(find_rewrite, trace)
+    floor = sum(med[k] for k in ("deepcopy", "forward")) + trace if None not in (
+        med["deepcopy"], med["forward"], trace) else None
+    row["floor/trace"] = _ratio(floor, trace)
+    row["rewrite/floor"] = _ratio(med["rewrite"], floor)
+    row["torch.onnx/trace"] = _ratio(med["torch.onnx"], trace)
+    row["export_onnx/torch.onnx"] = _ratio(med["export_onnx"], med["torch.onnx"])
     ratio = row["rewrite/trace"]
     row[f"rewrite<={TARGET_RATIO:g}x trace"] = "" if ratio is None else ("yes" if ratio <= TARGET_RATIO else "NO")
     row["cpu/wall"] = cpu / wall if wall else None  # well below 1: other processes shared the cores
@@ -399,8 +458,8 @@ def _slopes(rows: list[dict], timings: dict[str, dict[str, Timing]]) -> dict[str
     generated = sorted((r for r in rows if r["kind"] == "generated"), key=lambda r: r["nodes"])
     out = {}
     for step in STEPS:
-        pts = [(r["nodes"], timings[r["model"]][step]) for r in generated]
-        pts = [(n, t.median, t.cpu_median) for n, t in pts if t.median is not None]
+        pts = [(r["nodes"], timings[r["model"]].get(step)) for r in generated]  # older JSON: fewer steps
+        pts = [(n, t.median, t.cpu_median) for n, t in pts if t is not None and t.median is not None]
         if len(pts) < 2:
             continue
         nodes, wall, cpu = (list(c) for c in zip(*pts))
@@ -444,6 +503,21 @@ def _verdict(rows: list[dict], slopes: dict[str, dict]) -> dict:
             cpu = f"; CPU time {fit['cpu_slope']:.2f}, two largest {fit['cpu_last_pair_slope']:.2f}"
         lines.append(f"rewrite growth: {kind} (log-log slope of time vs nodes, wall {slope:.2f}, two largest "
                      f"{fit['last_pair_slope']:.2f}{cpu}; linear means every CPU slope <= {LINEAR_SLOPE})")
+    floors = {r["model"]: r["floor/trace"] for r in rows if r.get("floor/trace") is not None}
+    if floors:
+        above = sorted(m for m, q in floors.items() if q > TARGET_RATIO)
+        lines.append(f"floor of rewrite (trace + deepcopy + one forward) > {TARGET_RATIO:g}x trace on {len(above)} of "
+                     f"{len(floors)} models (median {statistics.median(floors.values()):.1f}x): there the target "
+                     "is out of reach while rewrite returns a copy and calibrates on data")
+        to_floor = [r["rewrite/floor"] for r in rows if r.get("rewrite/floor") is not None]
+        lines.append(f"rewrite / its floor: median {statistics.median(to_floor):.1f}x, "
+                     f"range {min(to_floor):.1f}-{max(to_floor):.1f}x")
+    big = max((r for r in rows if r["kind"] == "generated" and r.get("torch.onnx/trace") is not None
+               and r["nodes"] <= 5_100), key=lambda r: r["nodes"], default=None)
+    if big is not None:
+        lines.append(f"export at {big['nodes']:,} nodes: torch.onnx alone (TorchScript exporter) takes "
+                     f"{big['torch.onnx/trace']:.1f}x symbolic_trace, export_onnx {big['export_onnx/torch.onnx']:.1f}x "
+                     "torch.onnx (target: export <= 10x trace)")
     return {"holds": not over and linear, "ratio_ok": not over, "linear": linear, "rewrite_slope": slope,
             "over_target": over, "lines": lines}
 
@@ -500,7 +574,7 @@ def _progress(row: dict) -> None:
 
 
 def _markdown(rows: list[dict], timings: dict[str, dict[str, Timing]], slopes: dict, verdict: dict,
-              hotspots: dict | None, meta: dict) -> str:
+              hotspots: dict | None, meta: dict, exporters: dict | None = None) -> str:
     out = ["# fxfusion pass timings", "",
            f"torch {meta['torch']}, Python {meta['python']}, {meta['machine']} ({meta['platform']}), "
            f"{meta['torch_threads']} torch thread(s), {meta['date']}"
@@ -512,7 +586,11 @@ def _markdown(rows: list[dict], timings: dict[str, dict[str, Timing]], slopes: d
            "Seconds per pass, median over interleaved rounds (`rounds` column; one untimed warm-up round for "
            "models under 1,000 nodes in the full run). `rewrite` includes its own find; `rewrite(sites)` is "
            "`rewrite(model, sites=find_fusions(...))`, the editing part alone; `(find+rewrite(sites))/trace` is "
-           "the two-step flow `find_fusions` then `rewrite(sites=...)` against the trace. The ratios divide by "
+           "the two-step flow `find_fusions` then `rewrite(sites=...)` against the trace. `deepcopy` and `forward` "
+           "(one eval forward on the example input, no grad) are what `rewrite(model, x)` has to do at least as "
+           "its contract stands (it returns a copy, and calibrates its sites on data): `floor/trace` is "
+           "(trace + deepcopy + forward) / trace, `rewrite/floor` how far rewrite is from it. `torch.onnx` is the "
+           "exporter that `export_onnx` calls, alone, on the float model. The ratios divide by "
            "the `trace ref` time: `symbolic_trace` when the whole model traces, else fxfusion's `trace_units` "
            "(the largest traceable submodules). `cpu/wall` is this process's CPU time over wall time for all "
            "timed steps of the row: well below 1 means other processes shared the cores (per-step CPU times "
@@ -529,6 +607,10 @@ def _markdown(rows: list[dict], timings: dict[str, dict[str, Timing]], slopes: d
             "the two largest. Wall time from the medians; CPU time (this process) is less disturbed by other "
             "processes on the machine.", "",
             markdown_table(_slope_rows(slopes)), "", "![time vs nodes](passes_scaling.png)", ""]
+    if exporters:
+        out += [f"## Ways out of PyTorch at {exporters['nodes']:,} nodes", "",
+                f"Each once, on the float {exporters['model']} model: could any exporter torch offers write "
+                "this graph within 10x `symbolic_trace`?", "", markdown_table(exporters["rows"]), ""]
     if hotspots:
         out += [f"## Hotspots: cProfile of `rewrite` on {hotspots['model']} ({hotspots['nodes']} nodes, "
                 f"{hotspots['total_s']:.2f} s under the profiler)", "", "Top by cumulative time:", "",

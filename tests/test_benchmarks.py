@@ -25,14 +25,17 @@ def test_passes_benchmark_quick_writes_results(tmp_path):
     assert len(generated) == 2 and all(r["nodes"] > 0 for r in generated)
     for row in data["rows"]:
         # every step has a time or says why not
-        for step in ("symbolic_trace", "find", "rewrite", "quantize", "deploy", "export_onnx", "prepare_qat_fx"):
+        for step in ("symbolic_trace", "deepcopy", "forward", "find", "rewrite", "quantize", "deploy", "torch.onnx",
+                     "export_onnx", "prepare_qat_fx"):
             assert isinstance(row[step], (float, str)), (row["model"], step, row[step])
         assert isinstance(row["rewrite"], float), row  # the pass under test must run on every model
+        # the floor the 2x target is judged against: trace + copy + one forward, and rewrite above it
+        assert row["floor/trace"] > 1 and row["rewrite/floor"] > 0, row
     assert data["rows"][models.index("yolov5")]["symbolic_trace"].startswith("fails")
     assert "rewrite" in data["slopes"]
 
     md = (out / "passes.md").read_text()
-    assert "| model |" in md and "rewrite/trace" in md and "chain-" in md
+    assert "| model |" in md and "rewrite/trace" in md and "chain-" in md and "floor of rewrite" in md
     assert "Seconds per pass" in proc.stdout
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "passes_scaling.png").stat().st_size > 0
