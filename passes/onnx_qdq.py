@@ -176,10 +176,8 @@ class _Surgery:
 
     def initializer(self, base: str, array: np.ndarray, dtype: int | None = None) -> str:
         name = self.name(base)
-        if dtype in (TensorProto.INT4, TensorProto.UINT4):
-            tensor = helper.make_tensor(name, dtype, array.shape, array.astype(np.int64).flatten().tolist())
-        elif dtype is not None:
-            tensor = helper.make_tensor(name, dtype, array.shape, array.flatten().tolist())
+        if dtype is not None:
+            tensor = helper.make_tensor(name, dtype, array.shape, _raw_codes(array, dtype), raw=True)
         else:
             tensor = numpy_helper.from_array(array, name)
         self.graph.initializer.append(tensor)
@@ -200,6 +198,19 @@ class _Surgery:
             nodes += self.replace.get(n.name, [n])
         del self.graph.node[:]
         self.graph.node.extend(nodes)
+
+
+def _raw_codes(array: np.ndarray, dtype: int) -> bytes:
+    """Integer codes as ONNX raw data: one byte each for (U)INT8, two per byte for (U)INT4 (the first
+    in the low nibble). ``make_tensor`` from a Python list took 0.25 s per million codes, most of
+    a ResNet-18 export; this is the same tensor (``numpy_helper.to_array`` reads it back equal)."""
+    codes = np.asarray(array).astype(np.int64).ravel()
+    if dtype in (TensorProto.INT4, TensorProto.UINT4):
+        nibbles = (codes & 0x0F).astype(np.uint8)
+        if nibbles.size % 2:
+            nibbles = np.append(nibbles, np.uint8(0))
+        return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+    return codes.astype(np.int8 if dtype == TensorProto.INT8 else np.uint8).tobytes()
 
 
 def _quantize_layer(s: _Surgery, plan: _Plan, ranks: dict[str, int]) -> LayerExport:

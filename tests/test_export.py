@@ -495,3 +495,19 @@ def test_export_does_not_touch_the_model(tmp_path) -> None:
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert os.path.getsize(tmp_path / "net.onnx") > 0
+
+
+@pytest.mark.parametrize("dtype, lo, hi", [(TensorProto.INT4, -8, 7), (TensorProto.UINT4, 0, 15),
+                                           (TensorProto.INT8, -128, 127), (TensorProto.UINT8, 0, 255)])
+@pytest.mark.parametrize("shape", [(), (1,), (5,), (3, 1, 1, 1), (6, 3, 3, 3)])
+def test_integer_initializers_are_raw_data_that_reads_back_as_the_codes(dtype, lo, hi, shape) -> None:
+    """Codes are written as packed raw bytes (two per byte for 4 bits, odd counts padded), not Python lists."""
+    from fxfusion.passes.onnx_qdq import _raw_codes
+
+    codes = np.random.default_rng(0).integers(lo, hi + 1, size=shape)
+    codes.flat[0] = lo  # both ends of the range, sign nibble included
+    codes.flat[-1] = hi
+    tensor = onnx.helper.make_tensor("w", dtype, codes.shape, _raw_codes(codes, dtype), raw=True)
+    packed = dtype in (TensorProto.INT4, TensorProto.UINT4)
+    assert len(tensor.raw_data) == ((codes.size + 1) // 2 if packed else codes.size)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor).astype(np.int64), codes)
