@@ -38,7 +38,7 @@ from fxfusion.passes.fold_plan import analyse, feeds_layernorm, plan
 from fxfusion.passes.freeze import freeze
 from fxfusion.passes.quantize import _BNS, fold_batchnorms
 from fxfusion.passes.rewrite import gabfusion_modules, restore_forward
-from fxfusion.passes.runtime import eval_mode, network, set_submodule, tensors
+from fxfusion.passes.runtime import eval_mode, network, paused_gc, set_submodule, tensors
 from fxfusion.quant import is_quantizer
 from fxfusion.report import format_table
 
@@ -76,6 +76,7 @@ class DeployReport:
                 "ort_activations": self.ort_activations}
 
 
+@paused_gc()
 def deploy(
     model: nn.Module,
     calib_data: Iterable,

@@ -41,7 +41,7 @@ from fxfusion.passes.onnx_qdq import (
     _Surgery,
     activation_prefix,
 )
-from fxfusion.passes.runtime import network, structural_copy
+from fxfusion.passes.runtime import network, paused_gc, structural_copy
 from fxfusion.passes.runtime import tensors as flatten_outputs
 from fxfusion.report import format_table, write_atomic
 
@@ -98,6 +98,7 @@ class ExportReport:
         return asdict(self)
 
 
+@paused_gc()
 def export_onnx(
     model: nn.Module,
     example_inputs: Tensor | Sequence[Tensor],

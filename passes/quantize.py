@@ -59,6 +59,7 @@ from fxfusion.passes.runtime import (
     leaves,
     network,
     normalize_inputs,
+    paused_gc,
     removing,
     run_example,
     set_submodule,
@@ -99,6 +100,7 @@ class QuantizeReport:
         return {"layers": self.layers, "bn_folded": self.bn_folded, "float_layers": self.float_layers}
 
 
+@paused_gc()
 def quantize(
     model: nn.Module,
     example_inputs: Tensor | Sequence,

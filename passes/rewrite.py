@@ -36,7 +36,7 @@ from fxfusion.gabfusion import ALPHA_MODES, NORMS, GABFusion
 from fxfusion.passes.calibrate import calibrate_sites, calibration_batches
 from fxfusion.passes.find import FusionReport, FusionSite, Refusal, find_fusions, fusion_kind, fusion_ordinals
 from fxfusion.passes.foldability import FOLDS, predict_folds, verdict
-from fxfusion.passes.runtime import failure_reason, network, normalize_inputs
+from fxfusion.passes.runtime import failure_reason, network, normalize_inputs, paused_gc
 from fxfusion.passes.trace import shallow_trace
 from fxfusion.quant.layers import is_quantized
 from fxfusion.report import format_table
@@ -65,6 +65,7 @@ class RewriteReport:
         return {"placed": self.placed, "refused": self.refused, "untraceable": self.found.untraceable}
 
 
+@paused_gc()
 def rewrite(
     model: nn.Module,
     example_inputs: Tensor | Sequence | None = None,

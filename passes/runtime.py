@@ -10,6 +10,7 @@ failure named with the inputs that caused it. That is :func:`eval_mode`, :func:`
 
 from __future__ import annotations
 
+import gc
 import re
 import types
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,6 +20,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a pass runs (also as a decorator).
+
+    A pass makes many objects that live until it returns (fx graphs and nodes, module copies),
+    and every collection of the oldest generation scans all of them again: on a 5,000-node graph
+    that was 29% of rewrite's time and 37% of quantize's (``benchmarks/passes.py``). Tensors are
+    freed by reference counting either way; the few cycles made meanwhile are collected after.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 __all__ = [
     "compile_regex",
@@ -30,6 +49,7 @@ __all__ = [
     "leaves",
     "network",
     "normalize_inputs",
+    "paused_gc",
     "removing",
     "run_example",
     "set_submodule",

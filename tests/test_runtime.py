@@ -1,10 +1,16 @@
 """The scratch copy that rewrite's deploy prediction and export_onnx work on (runtime.structural_copy):
-it shares the weights, and nothing done to its structure reaches the model."""
+it shares the weights, and nothing done to its structure reaches the model. And the passes pause
+Python's garbage collector only while they run."""
 
 from __future__ import annotations
 
+import gc
+
+import pytest
 import torch
 from torch import nn
+
+import fxfusion
 
 from fxfusion.passes.runtime import set_submodule, structural_copy
 
@@ -46,3 +52,28 @@ def test_the_copy_shares_tensors_but_not_structure() -> None:
     assert isinstance(model[1], nn.BatchNorm2d) and model[2].conv.bias is not None
     assert not model[2]._forward_hooks and not model.training
     assert torch.equal(model(x), want)  # the model computes what it computed
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_passes_give_the_garbage_collector_back_as_they_found_it(tmp_path, enabled) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    seen = []
+    hook = model[0].register_forward_pre_hook(lambda *_: seen.append(gc.isenabled()))
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        q = fxfusion.quantize(model, x, method="minmax", w_bits=8, a_bits=8)
+        assert seen and not any(seen), "paused while the pass runs"
+        assert gc.isenabled() is enabled
+        q(x)
+        deployed = fxfusion.deploy(q, [x], progress=False)
+        assert gc.isenabled() is enabled
+        fxfusion.export_onnx(deployed, x, tmp_path / "m.onnx")
+        assert gc.isenabled() is enabled
+        with pytest.raises(ValueError, match="alpha"):
+            fxfusion.rewrite(model, x, alpha="bad")
+        assert gc.isenabled() is enabled, "and after a failure"
+    finally:
+        hook.remove()
+        (gc.enable if was else gc.disable)()
