@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 import fxfusion
-
 from fxfusion.passes.runtime import set_submodule, structural_copy
 
 
