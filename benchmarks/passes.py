@@ -73,6 +73,7 @@ from torch import Tensor, nn
 
 import fxfusion
 from fxfusion import zoo
+from fxfusion.passes.export import _LEGACY_MAX_OPSET
 from fxfusion.passes.trace import trace_units
 from fxfusion.report import write_atomic
 
@@ -375,8 +376,9 @@ def _forward(model: nn.Module, x: tuple) -> None:
 
 
 def _torch_onnx(model: nn.Module, x: tuple, path: str) -> None:
-    # as export_trace calls it: the TorchScript exporter, no constant folding, opset 20
-    torch.onnx.export(model.eval(), x, path, dynamo=False, do_constant_folding=False, opset_version=20)
+    # as export_trace calls it: the TorchScript exporter, no constant folding, its highest opset
+    torch.onnx.export(model.eval(), x, path, dynamo=False, do_constant_folding=False,
+                      opset_version=_LEGACY_MAX_OPSET)
 
 
 def _exporters(bench: _Bench) -> dict:

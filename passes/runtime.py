@@ -21,24 +21,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """Python's cyclic garbage collector off while a pass runs (also as a decorator).
-
-    A pass makes many objects that live until it returns (fx graphs and nodes, module copies),
-    and every collection of the oldest generation scans all of them again: on a 5,000-node graph
-    that was 29% of rewrite's time and 37% of quantize's (``benchmarks/passes.py``). Tensors are
-    freed by reference counting either way; the few cycles made meanwhile are collected after.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
 __all__ = [
     "compile_regex",
     "describe_inputs",
@@ -57,6 +39,25 @@ __all__ = [
     "tracked",
     "unwrap",
 ]
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a pass runs (also as a decorator).
+
+    A pass makes many objects that live until it returns (fx graphs and nodes, module copies),
+    and every collection of the oldest generation scans all of them again. Measured alone on
+    ``benchmarks/passes.py``'s 5,002-node chain: rewrite 4.4 s -> 3.6 s, quantize 1.41 s -> 0.89 s.
+    Tensors are freed by reference counting either way; the few cycles made meanwhile are
+    collected after.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def normalize_inputs(example_inputs: Tensor | Sequence) -> tuple:
